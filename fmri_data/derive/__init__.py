@@ -1,0 +1,1 @@
+"""Derived outputs computed from resampled series: volumes, ROI series."""

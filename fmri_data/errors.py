@@ -1,0 +1,33 @@
+"""Errors raised on purpose by fmri-data.
+
+Every error about a file names the file and the cause in one line, so that a
+conversion log of thousands of runs can be grepped and acted upon.
+"""
+
+from __future__ import annotations
+
+import os
+
+
+class FmriDataError(Exception):
+    """Base class of all errors fmri-data raises deliberately."""
+
+
+class InputError(FmriDataError):
+    """A source file (BOLD series, sidecar, mask, atlas, events, confounds) is unusable.
+
+    ``str(error)`` is ``"<path>: <cause>"``.
+    """
+
+    def __init__(self, path: str | os.PathLike, cause: str):
+        self.path = str(path)
+        self.cause = cause
+        super().__init__(f"{self.path}: {cause}")
+
+
+class RecipeError(FmriDataError):
+    """A recipe is missing, malformed, or fails its JSON Schema."""
+
+
+class StoreError(FmriDataError):
+    """The output store cannot be created, opened, or fails its contract."""

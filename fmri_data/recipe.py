@@ -1,0 +1,136 @@
+"""Recipes: declarative conversion settings, one YAML file per model family.
+
+A recipe names a target (grid, TR, normalization, atlases, chunking). Recipes live in
+``pipelines/*.yaml``; one may ``extends`` another and override some keys. After
+``extends`` is resolved the result must validate against
+``schemas/recipe.schema.json``.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+from pathlib import Path
+from typing import Any
+
+import jsonschema
+import yaml
+
+from ._resources import pipelines_dir, schemas_dir
+from .errors import RecipeError
+
+Recipe = dict[str, Any]
+
+
+def available_recipes() -> list[str]:
+    """Names of the recipes bundled with fmri-data (``pipelines/*.yaml``)."""
+    return sorted(p.stem for p in pipelines_dir().glob("*.yaml"))
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    try:
+        data = yaml.safe_load(path.read_text())
+    except (OSError, yaml.YAMLError) as exc:
+        raise RecipeError(f"{path}: cannot read recipe ({exc})") from exc
+    if not isinstance(data, dict):
+        raise RecipeError(f"{path}: a recipe must be a YAML mapping")
+    return data
+
+
+def _resolve_path(name_or_path: str | Path) -> Path:
+    path = Path(name_or_path)
+    if path.suffix in (".yaml", ".yml") or path.exists():
+        if not path.is_file():
+            raise RecipeError(f"{path}: recipe file not found")
+        return path
+    bundled = pipelines_dir() / f"{name_or_path}.yaml"
+    if not bundled.is_file():
+        raise RecipeError(
+            f"unknown recipe '{name_or_path}'; bundled recipes: {', '.join(available_recipes())}"
+        )
+    return bundled
+
+
+def deep_merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
+    """Return ``base`` updated recursively by ``override``.
+
+    Mappings merge key by key; any other value (lists, scalars, ``None``) replaces.
+    """
+    out = copy.deepcopy(base)
+    for key, value in override.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = deep_merge(out[key], value)
+        else:
+            out[key] = copy.deepcopy(value)
+    return out
+
+
+def _load_chain(path: Path, seen: tuple[Path, ...] = ()) -> dict[str, Any]:
+    if path in seen:
+        raise RecipeError(f"{path}: recipe 'extends' forms a cycle")
+    data = _read_yaml(path)
+    parent = data.get("extends")
+    if parent is None:
+        return data
+    base = _load_chain(_resolve_path(parent), seen + (path,))
+    return deep_merge(base, data)
+
+
+def parse_override(text: str) -> dict[str, Any]:
+    """Turn ``"temporal.tr=2.0"`` into ``{"temporal": {"tr": 2.0}}`` (value parsed as YAML)."""
+    if "=" not in text:
+        raise RecipeError(f"override '{text}' is not of the form key.path=value")
+    key, raw = text.split("=", 1)
+    value = yaml.safe_load(raw) if raw.strip() else None
+    out: dict[str, Any] = {}
+    node = out
+    parts = [p for p in key.strip().split(".") if p]
+    if not parts:
+        raise RecipeError(f"override '{text}' has an empty key")
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+    node[parts[-1]] = value
+    return out
+
+
+def validate_recipe(recipe: Recipe) -> None:
+    """Validate a resolved recipe against ``schemas/recipe.schema.json``.
+
+    Raises:
+        RecipeError: naming the first offending key and why.
+    """
+    schema = json.loads((schemas_dir() / "recipe.schema.json").read_text())
+    try:
+        jsonschema.validate(recipe, schema)
+    except jsonschema.ValidationError as exc:
+        where = ".".join(str(p) for p in exc.absolute_path) or "<root>"
+        raise RecipeError(f"recipe '{recipe.get('name', '?')}': {where}: {exc.message}") from None
+
+
+def load_recipe(name_or_path: str | Path = "default", overrides: list[str] | None = None) -> Recipe:
+    """Load a bundled recipe by name (``"neurostorm"``) or a YAML file by path.
+
+    Args:
+        name_or_path: bundled recipe name or path to a ``.yaml`` file.
+        overrides: ``key.path=value`` strings applied after ``extends`` is resolved.
+
+    Returns:
+        The resolved recipe as a plain dict (``extends`` removed), validated.
+
+    Raises:
+        RecipeError: unknown name, unreadable YAML, or a schema violation.
+    """
+    recipe = _load_chain(_resolve_path(name_or_path))
+    for text in overrides or []:
+        recipe = deep_merge(recipe, parse_override(text))
+    recipe.pop("extends", None)
+    validate_recipe(recipe)
+    return recipe
+
+
+def recipe_hash(recipe: Recipe) -> str:
+    """Stable 16-hex-digit fingerprint of a resolved recipe (ignores its description)."""
+    payload = {k: v for k, v in recipe.items() if k not in ("description",)}
+    blob = json.dumps(payload, sort_keys=True, separators=(",", ":")).encode()
+    return hashlib.sha256(blob).hexdigest()[:16]

@@ -1,0 +1,173 @@
+"""Spatial resampling of volumes onto a target grid, as a precomputed linear operator.
+
+The mapping from a source grid to a target grid does not change over a run, so the
+source coordinates and interpolation weights of every target voxel are computed once and
+applied to all frames. Trilinear interpolation becomes a sparse matrix with at most 8
+non-zeros per row; nearest-neighbour one with at most 1.
+
+Boundary semantics match ``scipy.ndimage.map_coordinates(order=1, mode="constant",
+cval=0)`` and therefore ``nilearn.image.resample_img``: a target voxel whose source
+coordinate lies outside ``[0, n - 1]`` on any axis gets 0. Nearest neighbour rounds half
+up (``floor(c + 0.5)``), as scipy does.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import scipy.sparse as sp
+from scipy import ndimage
+
+
+def source_coordinates(
+    source_affine: np.ndarray, target_affine: np.ndarray, target_ijk: np.ndarray
+) -> np.ndarray:
+    """Source voxel coordinates of target voxels.
+
+    Args:
+        source_affine: 4x4 voxel -> world (mm) of the source grid.
+        target_affine: 4x4 voxel -> world (mm) of the target grid.
+        target_ijk: ``(N, 3)`` integer voxel indices on the target grid.
+
+    Returns:
+        ``(N, 3)`` float64 continuous voxel coordinates on the source grid.
+    """
+    transform = np.linalg.inv(np.asarray(source_affine, dtype=np.float64)) @ np.asarray(target_affine, dtype=np.float64)
+    ijk = np.asarray(target_ijk, dtype=np.float64)
+    return ijk @ transform[:3, :3].T + transform[:3, 3]
+
+
+def grid_indices(shape: tuple[int, int, int], mask: np.ndarray | None = None) -> np.ndarray:
+    """``(N, 3)`` int64 voxel indices of a grid in C order, restricted to ``mask`` if given."""
+    if mask is not None:
+        return np.argwhere(mask).astype(np.int64)
+    return np.indices(shape, dtype=np.int64).reshape(3, -1).T
+
+
+def inside_source(coords: np.ndarray, source_shape: tuple[int, int, int]) -> np.ndarray:
+    """``(N,)`` bool: coordinates within ``[0, n - 1]`` on every axis (scipy's constant mode)."""
+    upper = np.asarray(source_shape, dtype=np.float64) - 1.0
+    return np.all((coords >= 0.0) & (coords <= upper), axis=1)
+
+
+def trilinear_weights(coords: np.ndarray, source_shape: tuple[int, int, int]) -> tuple[np.ndarray, np.ndarray]:
+    """Corner indices and weights of trilinear interpolation.
+
+    Args:
+        coords: ``(N, 3)`` float64 source voxel coordinates.
+        source_shape: ``(X, Y, Z)`` of the source grid.
+
+    Returns:
+        ``index (N, 8)`` int64 flat C-order source voxel indices and ``weight (N, 8)``
+        float64; rows of coordinates outside the source are all-zero weights (index 0).
+    """
+    shape = np.asarray(source_shape, dtype=np.int64)
+    valid = inside_source(coords, source_shape)
+    c = np.where(valid[:, None], coords, 0.0)
+    base = np.floor(c).astype(np.int64)
+    base = np.minimum(base, np.maximum(shape - 2, 0))  # c == n-1 uses the last cell with weight 1
+    frac = c - base
+    index = np.empty((len(c), 8), dtype=np.int64)
+    weight = np.empty((len(c), 8), dtype=np.float64)
+    for corner in range(8):
+        offs = np.array([(corner >> 2) & 1, (corner >> 1) & 1, corner & 1], dtype=np.int64)
+        idx = np.minimum(base + offs, shape - 1)
+        w = np.prod(np.where(offs == 1, frac, 1.0 - frac), axis=1)
+        index[:, corner] = (idx[:, 0] * shape[1] + idx[:, 1]) * shape[2] + idx[:, 2]
+        weight[:, corner] = w
+    weight[~valid] = 0.0
+    index[~valid] = 0
+    return index, weight
+
+
+def nearest_index(coords: np.ndarray, source_shape: tuple[int, int, int]) -> np.ndarray:
+    """``(N,)`` int64 flat C-order index of the nearest source voxel, -1 outside the source."""
+    shape = np.asarray(source_shape, dtype=np.int64)
+    valid = inside_source(coords, source_shape)
+    idx = np.minimum(np.floor(coords + 0.5).astype(np.int64), shape - 1)
+    idx = np.maximum(idx, 0)
+    flat = (idx[:, 0] * shape[1] + idx[:, 1]) * shape[2] + idx[:, 2]
+    return np.where(valid, flat, -1)
+
+
+def resampling_matrix(
+    source_shape: tuple[int, int, int],
+    source_affine: np.ndarray,
+    target_ijk: np.ndarray,
+    target_affine: np.ndarray,
+    order: int = 1,
+) -> sp.csr_matrix:
+    """Sparse operator taking flattened source volumes to target voxels.
+
+    ``M @ x`` with ``x`` of shape ``(X*Y*Z, T)`` (source voxels in C order, frames in
+    columns) gives the interpolated values ``(N, T)`` at ``target_ijk``.
+
+    Args:
+        source_shape: source grid shape ``(X, Y, Z)``.
+        source_affine: 4x4 voxel -> world (mm) of the source.
+        target_ijk: ``(N, 3)`` target voxel indices.
+        target_affine: 4x4 voxel -> world (mm) of the target.
+        order: 1 = trilinear, 0 = nearest neighbour.
+
+    Returns:
+        ``scipy.sparse.csr_matrix`` of shape ``(N, X*Y*Z)``, float64.
+    """
+    coords = source_coordinates(source_affine, target_affine, target_ijk)
+    n_source = int(np.prod(source_shape))
+    if order == 1:
+        index, weight = trilinear_weights(coords, source_shape)
+        rows = np.repeat(np.arange(len(coords)), 8)
+        matrix = sp.csr_matrix((weight.ravel(), (rows, index.ravel())), shape=(len(coords), n_source))
+    elif order == 0:
+        index = nearest_index(coords, source_shape)
+        keep = index >= 0
+        matrix = sp.csr_matrix(
+            (np.ones(keep.sum()), (np.flatnonzero(keep), index[keep])), shape=(len(coords), n_source)
+        )
+    else:
+        raise ValueError(f"order must be 0 (nearest) or 1 (trilinear), got {order}")
+    matrix.eliminate_zeros()
+    return matrix
+
+
+def resample_volume(
+    data: np.ndarray,
+    source_affine: np.ndarray,
+    target_shape: tuple[int, int, int],
+    target_affine: np.ndarray,
+    order: int = 1,
+    method: str = "sparse",
+) -> np.ndarray:
+    """Resample a 3D or 4D volume onto a target grid.
+
+    Args:
+        data: ``(X, Y, Z)`` or ``(X, Y, Z, T)`` source values (RAS+ or any orientation; the
+            affine says which).
+        source_affine: 4x4 voxel -> world (mm) of ``data``.
+        target_shape: ``(X', Y', Z')``.
+        target_affine: 4x4 voxel -> world (mm) of the target grid.
+        order: 1 = trilinear, 0 = nearest.
+        method: ``"sparse"`` (precomputed operator, applied to all frames at once) or
+            ``"reference"`` (``scipy.ndimage.map_coordinates`` frame by frame).
+
+    Returns:
+        float32 array ``(X', Y', Z')`` or ``(X', Y', Z', T)``.
+    """
+    volume = np.asarray(data)
+    frames = volume.reshape(volume.shape[:3] + (-1,))
+    target_ijk = grid_indices(target_shape)
+    if method == "reference":
+        coords = source_coordinates(source_affine, target_affine, target_ijk).T
+        out = np.stack(
+            [
+                ndimage.map_coordinates(frames[..., t].astype(np.float64), coords, order=order, mode="constant", cval=0.0)
+                for t in range(frames.shape[3])
+            ],
+            axis=1,
+        )
+    elif method == "sparse":
+        matrix = resampling_matrix(volume.shape[:3], source_affine, target_ijk, target_affine, order)
+        out = matrix @ frames.reshape(-1, frames.shape[3]).astype(np.float64)
+    else:
+        raise ValueError(f"unknown method {method!r}; use 'sparse' or 'reference'")
+    out = out.astype(np.float32).reshape(tuple(target_shape) + (frames.shape[3],))
+    return out if volume.ndim == 4 else out[..., 0]
