@@ -1,0 +1,139 @@
+"""Per-run state shared by the conversion steps, operator caches, and small helpers."""
+
+from __future__ import annotations
+
+import threading
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import numpy as np
+
+from ..atlases import Atlas, load_atlas
+from ..derive.roi import ParcelOperator, volume_parcel_operator
+from ..derive.volume import normalize
+from ..discover import RunSpec
+from ..errors import InputError
+from ..grids import Grid
+from ..read import file_sha256
+from ..recipe import Recipe
+from ..store import RunWriter
+
+#: Source frames read per block (bounded by bytes: ~256 MiB of float32 per block).
+BLOCK_BYTES = 256 * 2**20
+
+
+class LRU:
+    """Small thread-safe LRU cache of operators keyed by geometry."""
+
+    def __init__(self, size: int = 32):
+        self.size = size
+        self.items: OrderedDict = OrderedDict()
+        self.lock = threading.Lock()
+
+    def get(self, key, build: Callable[[], Any]):
+        with self.lock:
+            if key in self.items:
+                self.items.move_to_end(key)
+                return self.items[key]
+        value = build()
+        with self.lock:
+            self.items[key] = value
+            while len(self.items) > self.size:
+                self.items.popitem(last=False)
+        return value
+
+
+OPERATORS = LRU()
+ATLASES = LRU(16)
+
+
+def geometry_key(shape, affine) -> tuple:
+    return (tuple(int(s) for s in shape[:3]), np.asarray(affine, dtype=np.float64).round(6).tobytes())
+
+
+def cached_atlas(name: str, folder: str | None) -> Atlas:
+    return ATLASES.get((name, folder), lambda: load_atlas(name, folder))
+
+
+def cached_parcel_operator(atlas: Atlas, folder: str | None, shape, affine) -> ParcelOperator:
+    key = ("roi", atlas.name, folder) + geometry_key(shape, affine)
+    return OPERATORS.get(key, lambda: volume_parcel_operator(atlas, shape, affine))
+
+
+
+@dataclass
+class RunContext:
+    """What one run's conversion knows and has produced so far.
+
+    Steps fill the data fields so that later steps (quality metrics, saliency scores)
+    reuse what is already in memory instead of reading the sources again:
+
+    Attributes:
+        tr_in, tr_out: source and stored repetition times (s).
+        brain_source: ``(T_in, N)`` float32 brain-voxel series on the target grid at the
+            source TR, before temporal resampling and normalization (None without volume output).
+        mask: ``(X, Y, Z)`` bool brain mask on the target grid; ``grid`` that grid.
+        roi: stored ROI series by array key, ``(T_out, R)`` float32 (normalized as stored).
+        confounds: ``(columns, (T_in, C) float32)`` or None.
+    """
+
+    spec: RunSpec
+    recipe: Recipe
+    recipe_hash: str
+    atlas_dir: str | None
+    warnings: list[str] = field(default_factory=list)
+    sources: list[dict[str, Any]] = field(default_factory=list)
+    tr_in: float | None = None
+    tr_out: float | None = None
+    brain_source: np.ndarray | None = None
+    mask: np.ndarray | None = None
+    grid: Grid | None = None
+    roi: dict[str, np.ndarray] = field(default_factory=dict)
+    confounds: tuple[list[str], np.ndarray] | None = None
+
+    def add_source(self, path: str, kind: str, space: str | None, derivative: bool) -> None:
+        """Record a file read for this run, with its sha256."""
+        if any(s["path"] == path for s in self.sources):
+            return
+        try:
+            digest = file_sha256(path)
+        except OSError as exc:
+            raise InputError(path, f"cannot read ({exc})") from exc
+        self.sources.append({"path": path, "kind": kind, "space": space, "derivative": derivative, "sha256": digest})
+
+
+def check_finite(block: np.ndarray, path: str, start: int, policy: str) -> np.ndarray:
+    """Apply the recipe's ``inputs.nan_policy`` to a block of frames starting at frame ``start``."""
+    finite = np.isfinite(block)
+    if finite.all():
+        return block
+    if policy == "zero":
+        return np.where(finite, block, 0.0).astype(np.float32)
+    bad = int((~finite).sum())
+    raise InputError(path, f"{bad} NaN/inf values in frames from {start} (recipe inputs.nan_policy=error)")
+
+
+def write_roi(ctx: RunContext, writer: RunWriter, key: str, series, labels, atlas_info, source, missing, n_voxels) -> None:
+    """Normalize (recipe ``roi.normalization``) and write ``roi/<key>`` ``(T, R)`` float32."""
+    store_cfg = ctx.recipe["store"]
+    z, params, arrays = normalize(series, ctx.recipe["roi"]["normalization"] if ctx.recipe["roi"] else "none")
+    params.update({k: v.tolist() for k, v in arrays.items()})
+    attrs = {
+        "labels": list(labels),
+        "atlas": atlas_info,
+        "source": source,
+        "normalization": params,
+        "missing_parcels": list(missing),
+    }
+    if n_voxels is not None:
+        attrs["n_voxels"] = [int(n) for n in n_voxels]
+    if missing:
+        ctx.warnings.append(f"roi/{key}: {len(missing)} parcels have no voxel in the field of view (series set to 0)")
+    ctx.roi[key] = z
+    writer.write_series(
+        f"roi/{key}", z.shape[0], (z.shape[1],), "float32", store_cfg["chunk_frames"], store_cfg["shard_chunks"],
+        store_cfg["compression"], lambda a, b: z[a:b], attrs=attrs, dimension_names=("time", "parcel"),
+    )
+
+

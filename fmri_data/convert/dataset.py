@@ -1,0 +1,143 @@
+"""A whole dataset: discover runs, create/reopen the store, map runs over Dask, write the index."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .. import engine
+from ..discover import discover
+from ..recipe import Recipe, load_recipe, recipe_hash
+from ..store import STAGING, Store
+from .context import cached_atlas
+from .run import RunResult, convert_run
+
+
+@dataclass
+class ConvertReport:
+    """All run results of one ``convert`` call, and the store written."""
+
+    store_url: str
+    results: list[RunResult]
+
+    def count(self, status: str) -> int:
+        return sum(r.status == status for r in self.results)
+
+    @property
+    def failed(self) -> list[RunResult]:
+        return [r for r in self.results if r.status == "failed"]
+
+
+def convert(
+    bids_root: str | Path,
+    output: str,
+    recipe: str | Path | Recipe = "default",
+    *,
+    overrides: list[str] | None = None,
+    participant_label: list[str] | None = None,
+    task: list[str] | None = None,
+    space: list[str] | None = None,
+    derivatives: list[str | Path] | None = None,
+    atlas_dir: str | None = None,
+    scheduler: str = "threads",
+    workers: int | None = None,
+    overwrite: bool = False,
+    progress: bool = True,
+    storage_options: dict[str, Any] | None = None,
+) -> ConvertReport:
+    """Convert every run of a BIDS dataset into one Zarr v3 store.
+
+    Args:
+        bids_root: raw BIDS dataset (its ``derivatives/`` are used) or a derivatives dataset.
+        output: store location (local path or fsspec URL).
+        recipe: bundled recipe name, YAML path, or an already resolved recipe dict.
+        overrides: ``key.path=value`` recipe overrides.
+        participant_label, task, space: discovery filters (``space`` defaults to the
+            recipe's ``inputs.spaces``).
+        derivatives: extra derivatives datasets outside ``bids_root``.
+        atlas_dir: folder holding atlas files (else ``$FMRI_DATA_ATLAS_DIR``).
+        scheduler: ``"threads"`` (default), ``"processes"`` (a local distributed cluster),
+            ``"synchronous"``, or the address of a running Dask scheduler (``tcp://host:8786``).
+        workers: concurrent runs (threads or worker processes).
+        overwrite: delete an existing store first.
+        progress: show a progress bar.
+        storage_options: fsspec options for ``output``.
+
+    Returns:
+        :class:`ConvertReport`; failed runs are listed there, not raised.
+
+    Raises:
+        FmriDataError: the dataset cannot be indexed, the recipe is invalid, or the store
+            cannot be created.
+    """
+    resolved = recipe if isinstance(recipe, dict) else load_recipe(recipe, overrides)
+    digest = recipe_hash(resolved)
+    volume_cfg = resolved.get("volume") or {}
+    runs = discover(
+        bids_root,
+        derivatives=derivatives,
+        participant_label=participant_label,
+        task=task,
+        space=space or resolved["inputs"].get("spaces"),
+        prefer=resolved["inputs"]["prefer"],
+        volume_space=volume_cfg.get("space"),
+        volume_res=volume_cfg.get("resolution"),
+    )
+    for name in (resolved["roi"] or {}).get("atlases", []):
+        cached_atlas(name, atlas_dir)  # a missing or off-grid atlas fails the whole conversion up front
+    store = Store.create(output, resolved, digest, overwrite=overwrite, bids_root=str(bids_root), storage_options=storage_options)
+    done = set(store.run_ids())
+    results = [RunResult(r.run_id, "exists", entities=dict(r.entities)) for r in runs if r.run_id in done]
+    todo = [r for r in runs if r.run_id not in done]
+    _clear_stale_staging(store, [r.run_id for r in todo])
+    results += engine.map_runs(
+        convert_run,
+        todo,
+        scheduler=scheduler,
+        workers=workers,
+        progress=progress,
+        label=f"converting {len(todo)} runs",
+        kwargs={"recipe": resolved, "store_url": store.url, "atlas_dir": atlas_dir, "storage_options": storage_options},
+    )
+    results.sort(key=lambda r: r.run_id)
+    _write_index(store, results)
+    return ConvertReport(store.url, results)
+
+
+def _clear_stale_staging(store: Store, run_ids: list[str]) -> None:
+    """Remove staging groups left by an interrupted conversion of these runs."""
+    base = f"{store.path}/{STAGING}"
+    if not store.fs.exists(base):
+        return
+    wanted = set(run_ids)
+    for entry in store.fs.ls(base, detail=False):
+        name = entry.rstrip("/").rsplit("/", 1)[-1]
+        if name.rsplit(".", 1)[0] in wanted:
+            store.fs.rm(entry, recursive=True)
+
+
+def _write_index(store: Store, results: list[RunResult]) -> None:
+    previous = store.read_index()
+    rows: dict[str, dict[str, Any]] = {}
+    if len(previous):
+        for row in previous.to_dict(orient="records"):
+            rows[row["run_id"]] = row
+    for r in results:
+        if r.status == "exists" and r.run_id in rows:
+            continue
+        rows[r.run_id] = {k: v for k, v in r.row().items()}
+    for run_id in store.run_ids():
+        attrs = store.run_attrs(run_id)
+        row = rows.setdefault(run_id, {"run_id": run_id})
+        row.update(
+            status="complete",
+            entities=attrs["entities"],
+            error=None,
+            tr_s=attrs["tr_s"],
+            n_frames=attrs["n_frames"],
+            outputs=attrs["outputs"],
+            warnings=attrs["warnings"],
+        )
+        row.setdefault("seconds", 0.0)
+    store.write_index(sorted(rows.values(), key=lambda r: r["run_id"]))
