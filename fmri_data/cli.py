@@ -30,6 +30,19 @@ def _fail(exc: Exception) -> None:
     raise typer.Exit(2)
 
 
+def _options(pairs: list[str]) -> dict | None:
+    """``["anon=true", "endpoint_url=http://..."]`` -> ``{"anon": True, ...}`` (values parsed as YAML)."""
+    import yaml
+
+    out = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise typer.BadParameter(f"'{pair}' is not key=value")
+        out[key.strip()] = yaml.safe_load(value)
+    return out or None
+
+
 def _human(nbytes: float) -> str:
     for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
         if nbytes < 1024 or unit == "TiB":
@@ -40,17 +53,21 @@ def _human(nbytes: float) -> str:
 
 @app.command()
 def convert(
-    bids_root: Path = typer.Argument(..., help="Raw BIDS dataset (its derivatives/ are used) or a derivatives dataset."),
+    bids_root: str = typer.Argument(..., help="Raw BIDS dataset (its derivatives/ are used) or a derivatives dataset; path or fsspec URL."),
     output: str = typer.Argument(..., help="Output store: a local path (OUT.zarr) or an fsspec URL."),
     recipe: str = typer.Option("default", "--recipe", "-r", help="Bundled recipe name or path to a YAML recipe."),
     set_: list[str] = typer.Option([], "--set", help="Recipe override key.path=value (repeatable)."),
     participant_label: list[str] = typer.Option([], "--participant-label", help="Subjects to convert (repeatable)."),
     task: list[str] = typer.Option([], "--task", help="Tasks to convert (repeatable)."),
     space: list[str] = typer.Option([], "--space", help="Use only sources in these spaces ('native' = no space entity)."),
-    derivatives: list[Path] = typer.Option([], "--derivatives", help="Extra derivatives datasets (repeatable)."),
+    derivatives: list[str] = typer.Option([], "--derivatives", help="Extra derivatives datasets (repeatable; path or URL)."),
     atlas_dir: Optional[Path] = typer.Option(None, "--atlas-dir", help="Folder with atlas files (else $FMRI_DATA_ATLAS_DIR)."),
     scheduler: str = typer.Option("threads", "--scheduler", help="threads | processes | synchronous | tcp://HOST:PORT"),
-    workers: Optional[int] = typer.Option(None, "--workers", "-j", help="Concurrent runs (threads or processes)."),
+    workers: Optional[int] = typer.Option(None, "--workers", "-j", help="Concurrent runs (threads, processes, or SLURM jobs)."),
+    cluster: Optional[str] = typer.Option(None, "--cluster", help="'slurm': start a dask-jobqueue SLURMCluster."),
+    cluster_option: list[str] = typer.Option([], "--cluster-option", help="SLURM setting key=value (cores, memory, walltime, queue, ...)."),
+    input_option: list[str] = typer.Option([], "--input-option", help="fsspec option for a remote BIDS root, key=value (e.g. anon=true)."),
+    output_option: list[str] = typer.Option([], "--output-option", help="fsspec option for a remote store, key=value."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Delete an existing store first."),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Show a progress bar."),
 ) -> None:
@@ -72,8 +89,12 @@ def convert(
             workers=workers,
             overwrite=overwrite,
             progress=progress and sys.stderr.isatty(),
+            storage_options=_options(output_option),
+            input_options=_options(input_option),
+            cluster=cluster,
+            cluster_options=_options(cluster_option),
         )
-    except FmriDataError as exc:
+    except (FmriDataError, ValueError) as exc:
         _fail(exc)
     counts = {s: report.count(s) for s in ("complete", "exists", "skipped", "failed")}
     console.print(
@@ -93,13 +114,14 @@ def convert(
 def inspect(
     store: str = typer.Argument(..., help="Store path or URL."),
     as_json: bool = typer.Option(False, "--json", help="Print the summary as JSON."),
+    option: list[str] = typer.Option([], "--option", help="fsspec option for a remote store, key=value."),
 ) -> None:
     """List the runs of a store with their TR, frames, arrays and size."""
     from .inspect import summarize, to_json
     from .store import Store
 
     try:
-        summary = summarize(Store.open(store))
+        summary = summarize(Store.open(store, _options(option)))
     except FmriDataError as exc:
         _fail(exc)
     if as_json:
@@ -128,11 +150,15 @@ def inspect(
 
 
 @app.command()
-def validate(store: str = typer.Argument(..., help="Store path or URL.")) -> None:
-    """Check a store against its schema (attributes, array shapes, chunking)."""
+def validate(
+    store: str = typer.Argument(..., help="Store path or URL."),
+    deep: bool = typer.Option(False, "--deep", help="Also re-read every array and verify its checksums."),
+    option: list[str] = typer.Option([], "--option", help="fsspec option for a remote store, key=value."),
+) -> None:
+    """Check a store against its schema (attributes, array shapes, chunking; --deep: contents)."""
     from .validate import validate_store
 
-    problems = validate_store(store)
+    problems = validate_store(store, _options(option), deep=deep)
     for problem in problems:
         err_console.print(f"[red]invalid[/red] {escape(problem)}")
     if problems:

@@ -16,10 +16,10 @@ recipe decides which source feeds which output.
 from __future__ import annotations
 
 import csv
-import functools
 import json
 import logging
 import math
+import posixpath
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -130,13 +130,131 @@ def _clean_label(value: str, prefix: str) -> str:
     return value[len(prefix):] if value.startswith(prefix) else value
 
 
-def _read_participants(root: Path) -> dict[str, dict[str, Any]]:
-    path = root / "participants.tsv"
-    if not path.is_file():
+class _Tree:
+    """Read-only view of a dataset location: a local folder or an fsspec URL.
+
+    Local folders are indexed with bids2table. Remote locations (``s3://``, ``gs://``,
+    ``memory://``, ...) are listed with one recursive fsspec ``find`` (S3 lists 1,000 keys
+    per request) and their names parsed with bids2table's BIDS entity parser.
+    Paths are strings: absolute paths locally, full URLs remotely.
+    """
+
+    def __init__(self, root: str | Path, storage_options: dict[str, Any] | None = None):
+        text = str(root)
+        self.remote = "://" in text and not text.startswith("file://")
+        if self.remote:
+            import fsspec
+
+            self.fs, path = fsspec.core.url_to_fs(text, **(storage_options or {}))
+            self.root = self.fs.unstrip_protocol(path.rstrip("/"))
+            self._listing: list[str] | None = None
+        else:
+            self.root = str(Path(text.removeprefix("file://")).expanduser().resolve())
+        self._json: dict[str, dict[str, Any]] = {}
+        self._json_files: dict[str, tuple[str, ...]] = {}
+
+    # -- remote listing -------------------------------------------------------
+    def _files(self) -> list[str]:
+        if self._listing is None:
+            try:
+                found = self.fs.find(self.root, withdirs=False)
+            except (FileNotFoundError, OSError) as exc:
+                raise InputError(self.root, f"cannot list dataset ({exc})") from exc
+            self._listing = sorted(self.fs.unstrip_protocol(p) for p in found)
+        return self._listing
+
+    def is_dir(self) -> bool:
+        if self.remote:
+            try:
+                return bool(self._files())
+            except InputError:
+                return False
+        return Path(self.root).is_dir()
+
+    def datasets(self) -> list[str]:
+        """Dataset roots under ``root`` (``root`` first; nested ``derivatives/*`` datasets after)."""
+        if not self.remote:
+            return [str(d) for d in bids2table.find_bids_datasets(Path(self.root))]
+        files = self._files()
+        prefix = self.root + "/"
+        roots = []
+        if any(f == prefix + "dataset_description.json" or f[len(prefix):].startswith("sub-") for f in files):
+            roots.append(self.root)
+        for f in files:
+            rel = f[len(prefix):]
+            parts = rel.split("/")
+            if parts[-1] == "dataset_description.json" and "derivatives" in parts[:-1]:
+                roots.append(posixpath.dirname(f))
+        return roots
+
+    def index(self, ds_root: str, include: list[str] | None, nested: list[str]) -> list[str]:
+        """BIDS data files (not sidecars) of one dataset, excluding nested datasets."""
+        if not self.remote:
+            table = bids2table.index_dataset(Path(ds_root), include_subjects=include)
+            return [posixpath.join(ds_root, rel) for rel in table.column("path").to_pylist()]
+        prefix = ds_root + "/"
+        inner = [n + "/" for n in nested if n != ds_root and n.startswith(prefix)]
+        out = []
+        for f in self._files():
+            if not f.startswith(prefix) or any(f.startswith(n) for n in inner):
+                continue
+            rel = f[len(prefix):]
+            subject = rel.split("/", 1)[0]
+            name = rel.rsplit("/", 1)[-1]
+            if not subject.startswith("sub-") or not name.startswith("sub-") or "/" not in rel:
+                continue
+            if include and subject not in include:
+                continue
+            ent = bids2table.parse_bids_entities(f)
+            if not (ent.get("suffix") and ent.get("ext")) or ent.get("ext") == ".json":
+                continue
+            out.append(f)
+        return out
+
+    def json_files(self, folder: str) -> tuple[str, ...]:
+        """``*.json`` files directly in ``folder`` (listed once per folder)."""
+        if folder not in self._json_files:
+            if self.remote:
+                prefix = folder + "/"
+                found = [f for f in self._files() if f.startswith(prefix) and "/" not in f[len(prefix):]]
+            else:
+                found = [str(p) for p in Path(folder).glob("*.json")]
+            self._json_files[folder] = tuple(sorted(f for f in found if f.endswith(".json")))
+        return self._json_files[folder]
+
+    def read_json(self, path: str) -> dict[str, Any]:
+        """A JSON sidecar (read once per tree).
+
+        Raises:
+            InputError: not valid JSON, or not a JSON object.
+        """
+        if path not in self._json:
+            try:
+                data = json.loads(self.read_text(path))
+            except (OSError, ValueError, UnicodeDecodeError) as exc:
+                raise InputError(path, f"sidecar is not valid JSON ({exc})") from exc
+            if not isinstance(data, dict):
+                raise InputError(path, "sidecar is not a JSON object")
+            self._json[path] = data
+        return self._json[path]
+
+    def read_text(self, path: str) -> str:
+        if not self.remote:
+            return Path(path).read_text()
+        return self.fs.cat_file(path).decode()
+
+    def exists(self, path: str) -> bool:
+        if not self.remote:
+            return Path(path).is_file()
+        return path in set(self._files())
+
+
+def _read_participants(tree: _Tree) -> dict[str, dict[str, Any]]:
+    path = posixpath.join(tree.root, "participants.tsv")
+    if not tree.exists(path):
         return {}
     try:
-        with path.open(newline="") as fh:
-            rows = list(csv.DictReader(fh, delimiter="\t"))
+        rows = list(csv.DictReader(tree.read_text(path).splitlines(), delimiter="\t"))
     except (OSError, csv.Error, UnicodeDecodeError) as exc:
         raise InputError(path, f"cannot parse participants table ({exc})") from exc
     out: dict[str, dict[str, Any]] = {}
@@ -150,23 +268,7 @@ def _read_participants(root: Path) -> dict[str, dict[str, Any]]:
     return out
 
 
-@functools.lru_cache(maxsize=4096)
-def _json_files(folder: Path) -> tuple[Path, ...]:
-    return tuple(sorted(folder.glob("*.json")))
-
-
-@functools.lru_cache(maxsize=4096)
-def _read_json(path: Path) -> dict[str, Any]:
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, ValueError, UnicodeDecodeError) as exc:
-        raise InputError(path, f"sidecar is not valid JSON ({exc})") from exc
-    if not isinstance(data, dict):
-        raise InputError(path, "sidecar is not a JSON object")
-    return data
-
-
-def sidecar_metadata(path: Path, dataset_root: Path) -> dict[str, Any]:
+def sidecar_metadata(path: str | Path, dataset_root: str | Path, tree: _Tree | None = None) -> dict[str, Any]:
     """JSON sidecar fields of a BIDS file after the BIDS inheritance principle.
 
     Every ``*.json`` from ``dataset_root`` down to the file's folder whose entities are a
@@ -177,47 +279,46 @@ def sidecar_metadata(path: Path, dataset_root: Path) -> dict[str, Any]:
         InputError: an applicable sidecar is not valid JSON (bids2table's own loader
             skips such a file silently, which would hide a missing TR).
     """
+    path, dataset_root = str(path), str(dataset_root)
+    tree = tree or _Tree(dataset_root)
     ent = bids2table.parse_bids_entities(path)
     want = {k: v for k, v in ent.items() if k not in ("datatype", "ext")}
-    chain: list[Path] = []
-    folder = path.parent
+    chain: list[str] = []
+    folder = posixpath.dirname(path)
     while True:
         chain.append(folder)
-        if folder == dataset_root or folder.parent == folder:
+        parent = posixpath.dirname(folder)
+        if folder == dataset_root or parent == folder or len(folder) <= len(dataset_root):
             break
-        folder = folder.parent
+        folder = parent
     meta: dict[str, Any] = {}
     for folder in reversed(chain):
-        for candidate in _json_files(folder):
+        for candidate in tree.json_files(folder):
             cand = bids2table.parse_bids_entities(candidate)
             cand = {k: v for k, v in cand.items() if k not in ("datatype", "ext")}
             if cand.get("suffix") == want.get("suffix") and all(want.get(k) == v for k, v in cand.items()):
-                meta.update(_read_json(candidate))
+                meta.update(tree.read_json(candidate))
     return meta
 
 
-def _index(root: Path, participant_label: list[str] | None) -> list[tuple[bool, Path, Path, dict[str, str]]]:
-    """Return ``(is_derivative, dataset_root, path, entities)`` for every file under root."""
-    datasets = list(bids2table.find_bids_datasets(root))
+def _index(tree: _Tree, participant_label: list[str] | None, forced_derivative: bool = False):
+    """``(is_derivative, dataset_root, path, entities)`` for every BIDS data file under the tree."""
+    datasets = tree.datasets()
     if not datasets:
-        raise InputError(root, "not a BIDS dataset (no dataset_description.json and no sub-* folders)")
+        raise InputError(tree.root, "not a BIDS dataset (no dataset_description.json and no sub-* folders)")
     include = [f"sub-{_clean_label(p, 'sub-')}" for p in participant_label] if participant_label else None
     out = []
     for ds_root in datasets:
-        ds_root = Path(ds_root)
-        derivative = ds_root != root and "derivatives" in ds_root.relative_to(root).parts
-        derivative = derivative or _is_derivative_dataset(ds_root)
-        table = bids2table.index_dataset(ds_root, include_subjects=include)
-        for rel in table.column("path").to_pylist():
-            path = ds_root / rel
+        rel = ds_root[len(tree.root):].split("/")
+        derivative = forced_derivative or "derivatives" in rel or _is_derivative_dataset(tree, ds_root)
+        for path in tree.index(ds_root, include, datasets):
             out.append((derivative, ds_root, path, bids2table.parse_bids_entities(path)))
     return out
 
 
-def _is_derivative_dataset(root: Path) -> bool:
-    desc = root / "dataset_description.json"
+def _is_derivative_dataset(tree: _Tree, root: str) -> bool:
     try:
-        return json.loads(desc.read_text()).get("DatasetType") == "derivative"
+        return json.loads(tree.read_text(posixpath.join(root, "dataset_description.json"))).get("DatasetType") == "derivative"
     except (OSError, ValueError, AttributeError):
         return False
 
@@ -246,12 +347,14 @@ def discover(
     prefer: str = "derivatives",
     volume_space: str | None = "MNI152NLin6Asym",
     volume_res: int | None = 2,
+    storage_options: dict[str, Any] | None = None,
 ) -> list[RunSpec]:
     """Find every BOLD run under a BIDS dataset (raw and/or derivatives).
 
     Args:
         bids_root: folder of a raw BIDS dataset (its ``derivatives/`` are indexed too) or
-            of a derivatives dataset (e.g. fMRIPrep output).
+            of a derivatives dataset (e.g. fMRIPrep output); a local path or an fsspec URL
+            (``s3://bucket/ds000105``; source paths in the RunSpecs are then URLs).
         derivatives: extra derivatives datasets living outside ``bids_root``.
         participant_label: keep these subjects (with or without ``sub-``).
         task: keep these task labels.
@@ -260,6 +363,8 @@ def discover(
             has both.
         volume_space, volume_res: among derivative volumes, prefer this template space
             and ``res`` label (the recipe's target grid), so no needless resampling happens.
+        storage_options: fsspec options for remote locations (e.g. ``{"anon": True}``);
+            credentials otherwise come from each filesystem's standard environment/config.
 
     Returns:
         RunSpecs sorted by run_id.
@@ -268,28 +373,28 @@ def discover(
         InputError: the root is missing or not a BIDS dataset, a participants table or a
             JSON sidecar is unreadable.
     """
-    root = Path(bids_root).expanduser().resolve()
-    if not root.is_dir():
-        raise InputError(root, "BIDS root is not a directory")
-    files = _index(root, participant_label)
+    tree = _Tree(bids_root, storage_options)
+    if not tree.is_dir():
+        raise InputError(tree.root, "BIDS root is not a directory")
+    files = [(d, r, p, e, tree) for d, r, p, e in _index(tree, participant_label)]
     for extra in derivatives or []:
-        extra_root = Path(extra).expanduser().resolve()
-        if not extra_root.is_dir():
-            raise InputError(extra_root, "derivatives folder is not a directory")
-        files += [(True, r, p, e) for _, r, p, e in _index(extra_root, participant_label)]
+        extra_tree = _Tree(extra, storage_options)
+        if not extra_tree.is_dir():
+            raise InputError(extra_tree.root, "derivatives folder is not a directory")
+        files += [(True, r, p, e, extra_tree) for _, r, p, e in _index(extra_tree, participant_label, True)]
 
     tasks = set(task) if task else None
     spaces = set(space) if space else None
-    participants = _read_participants(root)
+    participants = _read_participants(tree)
 
-    bold: dict[tuple, list[tuple[bool, Path, Path, dict[str, str]]]] = {}
+    bold: dict[tuple, list] = {}
     masks, confounds, events = [], {}, {}
-    for derivative, ds_root, path, ent in files:
+    for derivative, ds_root, path, ent, where in files:
         if tasks is not None and ent.get("task") not in tasks:
             continue
         kind = _source_kind(ent)
         if kind is not None:
-            bold.setdefault(_key(ent, with_echo=False), []).append((derivative, ds_root, path, ent))
+            bold.setdefault(_key(ent, with_echo=False), []).append((derivative, ds_root, path, ent, where))
         elif ent.get("suffix") == "mask" and ent.get("desc") == "brain" and ent.get("ext") in _VOLUME_EXTS:
             masks.append((path, ent))
         elif ent.get("suffix") in ("timeseries", "regressors") and ent.get("desc") == "confounds":
@@ -310,10 +415,10 @@ def discover(
 
 
 def _make_source(
-    derivative: bool, ds_root: Path, path: Path, ent: dict[str, str], raw_meta: dict[str, Any]
+    derivative: bool, ds_root: str, path: str, ent: dict[str, str], tree: _Tree, raw_meta: dict[str, Any]
 ) -> Source:
     meta = dict(raw_meta)
-    meta.update(sidecar_metadata(path, ds_root))
+    meta.update(sidecar_metadata(path, ds_root, tree))
     return Source(
         path=str(path),
         kind=_source_kind(ent) or "volume",
@@ -340,8 +445,8 @@ def _res_equal(label: str, res: int) -> bool:
 
 def _assemble(key, members, masks, confounds, events, participants, spaces, prefer, volume_space, volume_res):
     raw_files = [m for m in members if not m[0]]
-    raw_meta = sidecar_metadata(raw_files[0][2], raw_files[0][1]) if raw_files else {}
-    sources = [_make_source(d, r, p, e, raw_meta if d else {}) for d, r, p, e in members]
+    raw_meta = sidecar_metadata(raw_files[0][2], raw_files[0][1], raw_files[0][4]) if raw_files else {}
+    sources = [_make_source(d, r, p, e, t, raw_meta if d else {}) for d, r, p, e, t in members]
     if spaces is not None:
         sources = [s for s in sources if s.space in spaces]
     if not sources:
@@ -394,6 +499,6 @@ def _find_mask(volume: Source, masks: list[tuple[Path, dict[str, str]]]) -> str 
     """The ``desc-brain_mask`` sharing the run entities, space and res of ``volume``."""
     want = {k: volume.entities.get(k) for k in RUN_ENTITIES[:-1] + ("space", "res")}
     for path, ent in masks:
-        if all(ent.get(k) == v for k, v in want.items()) and Path(path).parent == Path(volume.path).parent:
+        if all(ent.get(k) == v for k, v in want.items()) and posixpath.dirname(path) == posixpath.dirname(volume.path):
             return str(path)
     return None

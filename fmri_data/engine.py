@@ -55,6 +55,9 @@ def map_runs(
     progress: bool = True,
     label: str = "runs",
     kwargs: dict[str, Any] | None = None,
+    cluster: str | None = None,
+    cluster_options: dict[str, Any] | None = None,
+    memory_limit: str | None = None,
 ) -> list[Any]:
     """Apply ``func(item, **kwargs)`` to every item as independent Dask tasks.
 
@@ -68,6 +71,11 @@ def map_runs(
         progress: draw a progress bar on the terminal.
         label: progress bar title.
         kwargs: keyword arguments passed to every call.
+        cluster: ``"slurm"``: start a ``dask_jobqueue.SLURMCluster`` from ``cluster_options``
+            and scale it to ``workers`` jobs (overrides ``scheduler``).
+        cluster_options: SLURMCluster settings (:func:`slurm_cluster`).
+        memory_limit: memory limit of each local worker process (``"6GB"``); Dask pauses and
+            restarts workers that exceed it.
 
     Returns:
         Results in the order of ``items``.
@@ -80,18 +88,55 @@ def map_runs(
     with _progress(label, len(tasks), progress) as bar:
         task_id = bar.add_task(label, total=len(tasks))
         advance = lambda: bar.advance(task_id)  # noqa: E731
-        if scheduler in ("threads", "synchronous"):
+        if cluster is None and scheduler in ("threads", "synchronous"):
             keys = {t.key for t in tasks}
             with _TaskCounter(keys, advance):
                 return list(dask.compute(*tasks, scheduler=scheduler, num_workers=workers))
-        return _distributed(tasks, scheduler, workers, advance)
+        return _distributed(tasks, scheduler, workers, advance, cluster, cluster_options or {}, memory_limit)
 
 
-def _distributed(tasks, scheduler: str, workers: int, advance: Callable[[], None]) -> list[Any]:
+#: SLURMCluster settings fmri-data passes through (dask_jobqueue names).
+SLURM_KEYS = (
+    "cores", "processes", "memory", "walltime", "queue", "account", "job_extra_directives",
+    "local_directory", "log_directory", "job_script_prologue", "interface", "python",
+)
+
+
+def slurm_cluster(options: dict[str, Any]):
+    """A ``dask_jobqueue.SLURMCluster`` from fmri-data settings (not yet scaled).
+
+    Args:
+        options: ``cores`` (per job), ``processes`` (Dask workers per job), ``memory`` (per
+            job, e.g. ``"24GB"``; each worker gets memory / processes), ``walltime``
+            (``"02:00:00"``), ``queue`` (partition), ``account``, ``job_extra_directives``
+            (extra ``#SBATCH`` lines), ... (:data:`SLURM_KEYS`).
+
+    Raises:
+        ValueError: unknown keys.
+    """
+    from dask_jobqueue import SLURMCluster
+
+    unknown = set(options) - set(SLURM_KEYS) - {"jobs"}
+    if unknown:
+        raise ValueError(f"unknown SLURM settings {sorted(unknown)}; known: {', '.join(SLURM_KEYS)}")
+    settings = {"cores": 1, "processes": 1, "memory": "8GB", "walltime": "04:00:00"}
+    settings.update({k: v for k, v in options.items() if k in SLURM_KEYS and v is not None})
+    return SLURMCluster(**settings)
+
+
+def _distributed(tasks, scheduler, workers, advance, cluster_kind, cluster_options, memory_limit) -> list[Any]:
     from distributed import Client, LocalCluster, as_completed
 
-    if scheduler == "processes":
-        cluster = LocalCluster(n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=None)
+    if cluster_kind == "slurm":
+        cluster = slurm_cluster(cluster_options)
+        cluster.scale(jobs=int(cluster_options.get("jobs") or workers))
+        client = Client(cluster)
+    elif cluster_kind is not None:
+        raise ValueError(f"unknown cluster kind {cluster_kind!r}; use 'slurm'")
+    elif scheduler == "processes":
+        cluster = LocalCluster(
+            n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=None, memory_limit=memory_limit or "auto"
+        )
         client = Client(cluster)
     else:
         cluster, client = None, Client(scheduler)

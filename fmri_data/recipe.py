@@ -129,8 +129,12 @@ def load_recipe(name_or_path: str | Path = "default", overrides: list[str] | Non
     return recipe
 
 
+#: Recipe sections that say how to run, not what to produce: not part of the fingerprint.
+EXECUTION_KEYS = ("description", "compute")
+
+
 def recipe_hash(recipe: Recipe) -> str:
-    """Stable 16-hex-digit fingerprint of a resolved recipe (ignores its description)."""
-    payload = {k: v for k, v in recipe.items() if k not in ("description",)}
+    """Stable 16-hex-digit fingerprint of what a recipe produces (ignores description and compute)."""
+    payload = {k: v for k, v in recipe.items() if k not in EXECUTION_KEYS}
     blob = json.dumps(payload, sort_keys=True, separators=(",", ":")).encode()
     return hashlib.sha256(blob).hexdigest()[:16]

@@ -9,12 +9,21 @@ Layout (``schemas/store.schema.json`` and ``schemas/run.schema.json`` are the co
         roi/<atlas>           (T, R) float32, chunks (L, R), shards (k*L, R)
         confounds             (T_source, C) float32
       index.parquet           one row per run (complete, failed, skipped), rebuilt after a conversion
-      _staging/               runs being written; not part of the Zarr hierarchy
+      _staging/               runs being written
+      _claims/<run_id>.json   which converter process is writing a run (host, pid, heartbeat)
 
 A run is written into ``_staging/<run_id>.<token>/`` and moved to ``runs/<run_id>/`` only
 once every array and its attributes are written (a directory rename on a local disk, so
 readers never see half a run). A run group whose attributes do not say
 ``status: complete`` is treated as absent and rewritten by the next conversion.
+
+Several converters may work on one store at once (processes on one machine or many): a
+converter first *claims* a run by creating ``_claims/<run_id>.json`` exclusively (an
+``O_EXCL`` create on a local disk, a conditional ``If-None-Match: *`` PUT on S3), skips
+runs claimed by others, refreshes its claim while writing, and removes it after the
+commit. A claim whose process is gone (same host, pid no longer alive) or that was not
+refreshed for ``CLAIM_TIMEOUT_S`` is taken over, so a converter killed with SIGKILL does
+not block its runs forever.
 
 Writes to sharded arrays always cover whole shards (``k*L`` frames starting at a multiple
 of ``k*L``): a partial-shard write from two writers would lose data (zarr-python #3682).
@@ -23,10 +32,14 @@ of ``k*L``): a partial-shard write from two writers would lose data (zarr-python
 from __future__ import annotations
 
 import datetime as _dt
+import hashlib
 import importlib.metadata
 import json
+import os
 import platform
 import secrets
+import socket
+import time
 import warnings
 from collections.abc import Callable, Iterable
 from typing import Any
@@ -34,14 +47,17 @@ from typing import Any
 import fsspec
 import numpy as np
 import zarr
-from zarr.codecs import BloscCodec
+from zarr.codecs import BloscCodec, Crc32cCodec
 
 from .errors import StoreError
 from .schema import SCHEMA_VERSION, to_json, validate
 
 RUNS = "runs"
 STAGING = "_staging"
+CLAIMS = "_claims"
 INDEX = "index.parquet"
+#: A claim not refreshed for this long is considered abandoned (seconds; $FMRI_DATA_CLAIM_TIMEOUT_S).
+CLAIM_TIMEOUT_S = float(os.environ.get("FMRI_DATA_CLAIM_TIMEOUT_S", 900))
 
 _SOFTWARE = ("fmri-data", "numpy", "scipy", "nibabel", "nilearn", "zarr", "dask", "numba", "bids2table")
 
@@ -64,9 +80,22 @@ def now() -> str:
     return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
 
 
-def compressor(spec: dict[str, Any], typesize: int) -> BloscCodec:
-    """Blosc codec from the recipe's ``store.compression`` mapping."""
-    return BloscCodec(cname=spec["cname"], clevel=int(spec["clevel"]), shuffle=spec["shuffle"], typesize=typesize)
+def compressors(spec: dict[str, Any], typesize: int) -> list:
+    """Chunk codecs: Blosc from the recipe's ``store.compression``, then a CRC-32C checksum.
+
+    The checksum makes zarr refuse a corrupted chunk on read (``ValueError``) instead of
+    returning garbage; shard indexes carry their own CRC-32C.
+    """
+    blosc = BloscCodec(cname=spec["cname"], clevel=int(spec["clevel"]), shuffle=spec["shuffle"], typesize=typesize)
+    return [blosc, Crc32cCodec()]
+
+
+def content_digest(blocks) -> str:
+    """SHA-256 of an array's values: the C-order bytes of its blocks along axis 0, in order."""
+    digest = hashlib.sha256()
+    for block in blocks:
+        digest.update(np.ascontiguousarray(block).tobytes())
+    return digest.hexdigest()
 
 
 class Store:
@@ -234,6 +263,72 @@ class Store:
         """Start writing a run into a private staging group."""
         return RunWriter(self, run_id)
 
+    def clear_staging(self, run_id: str) -> None:
+        """Remove staging groups of ``run_id`` left by an interrupted conversion (claim the run first)."""
+        base = f"{self.path}/{STAGING}"
+        try:
+            entries = self.fs.ls(base, detail=False)
+        except FileNotFoundError:
+            return
+        for entry in entries:
+            if entry.rstrip("/").rsplit("/", 1)[-1].rsplit(".", 1)[0] == run_id:
+                self.fs.rm(entry, recursive=True)
+
+    # ------------------------------------------------------------------ claims
+    def _claim_path(self, run_id: str) -> str:
+        return f"{self.path}/{CLAIMS}/{run_id}.json"
+
+    def claim(self, run_id: str) -> bool:
+        """Claim a run for this process; False when a live converter holds it.
+
+        The claim is created exclusively; an abandoned claim (dead process on this host, or
+        no heartbeat for ``CLAIM_TIMEOUT_S``) is removed and claimed again.
+        """
+        path = self._claim_path(run_id)
+        for _ in range(3):
+            try:
+                self.fs.makedirs(f"{self.path}/{CLAIMS}", exist_ok=True)
+                self.fs.pipe_file(path, _claim_payload(), mode="create")
+                return True
+            except FileExistsError:
+                pass
+            except OSError as exc:  # S3 answers a failed If-None-Match with 412 PreconditionFailed
+                if "Precondition" not in str(exc) and "412" not in str(exc):
+                    raise StoreError(f"{self.url}: cannot claim run {run_id} ({exc})") from exc
+            holder = self._read_claim(path)
+            if holder is not None and not _abandoned(holder):
+                return False
+            try:
+                self.fs.rm(path)
+            except FileNotFoundError:
+                pass
+        return False
+
+    def refresh_claim(self, run_id: str) -> None:
+        """Heartbeat: rewrite this process's claim with the current time."""
+        path = self._claim_path(run_id)
+        holder = self._read_claim(path)
+        if holder is not None and holder.get("pid") == os.getpid() and holder.get("host") == socket.gethostname():
+            self.fs.pipe_file(path, _claim_payload())
+
+    def release(self, run_id: str) -> None:
+        """Remove this process's claim on a run (others' claims are left alone)."""
+        path = self._claim_path(run_id)
+        holder = self._read_claim(path)
+        if holder is not None and holder.get("pid") == os.getpid() and holder.get("host") == socket.gethostname():
+            try:
+                self.fs.rm(path)
+            except FileNotFoundError:
+                pass
+
+    def _read_claim(self, path: str) -> dict[str, Any] | None:
+        try:
+            return json.loads(self.fs.cat_file(path))
+        except FileNotFoundError:
+            return None
+        except (OSError, ValueError):
+            return {}  # unreadable (half-written by a killed process): treat as abandoned
+
     # ------------------------------------------------------------------ index
     def write_index(self, rows: Iterable[dict[str, Any]]) -> None:
         """Write ``index.parquet``: one row per run (complete, failed or skipped)."""
@@ -266,6 +361,34 @@ def roi_key(atlas_name: str) -> str:
     return atlas_name.replace("+", "-")
 
 
+def _process_start() -> float:
+    import psutil
+
+    return psutil.Process().create_time()
+
+
+def _claim_payload() -> bytes:
+    return json.dumps(
+        {"host": socket.gethostname(), "pid": os.getpid(), "started": _process_start(), "heartbeat": time.time()}
+    ).encode()
+
+
+def _abandoned(holder: dict[str, Any]) -> bool:
+    """A claim whose process is gone or whose heartbeat is older than ``CLAIM_TIMEOUT_S``."""
+    if not holder:
+        return True
+    if time.time() - float(holder.get("heartbeat", 0)) > CLAIM_TIMEOUT_S:
+        return True
+    if holder.get("host") == socket.gethostname():
+        import psutil
+
+        try:
+            return abs(psutil.Process(int(holder["pid"])).create_time() - float(holder["started"])) > 1.0
+        except (psutil.NoSuchProcess, KeyError, ValueError):
+            return True
+    return False
+
+
 def _cell(value: Any) -> Any:
     if isinstance(value, (dict, list, tuple)):
         return json.dumps(to_json(value))
@@ -285,6 +408,8 @@ class RunWriter:
         self.staging = f"{STAGING}/{run_id}.{secrets.token_hex(4)}"
         self.group = zarr.open_group(store=store.zarr_store, path=self.staging, mode="w", attributes={"status": "writing"})
         self.outputs: list[str] = []
+        self.checksums: dict[str, str] = {}
+        self._last_beat = time.monotonic()
 
     def write_series(
         self,
@@ -321,19 +446,31 @@ class RunWriter:
             chunks=(chunk_frames, *frame_shape),
             shards=(shard_frames, *frame_shape),
             dtype=dtype,
-            compressors=compressor(compression, np.dtype(dtype).itemsize),
+            compressors=compressors(compression, np.dtype(dtype).itemsize),
             fill_value=0,
             attributes=to_json(attrs or {}),
             dimension_names=dimension_names,
         )
+        digest = hashlib.sha256()
         for start in range(0, n_frames, shard_frames):
             stop = min(start + shard_frames, n_frames)
             values = np.asarray(block(start, stop), dtype=dtype)
             if values.shape != (stop - start, *frame_shape):
                 raise ValueError(f"{name}: block [{start}, {stop}) has shape {values.shape}")
             array[start:stop] = values
-        self.outputs.append(name)
+            digest.update(np.ascontiguousarray(values).tobytes())
+            self._heartbeat()
+        self._written(name, digest.hexdigest())
         return array
+
+    def _heartbeat(self) -> None:
+        if time.monotonic() - self._last_beat > 60:
+            self.store.refresh_claim(self.run_id)
+            self._last_beat = time.monotonic()
+
+    def _written(self, name: str, sha256: str) -> None:
+        self.outputs.append(name)
+        self.checksums[name] = sha256
 
     def write_array(
         self,
@@ -350,13 +487,13 @@ class RunWriter:
             shape=values.shape,
             chunks=values.shape if values.size else (1,) * values.ndim,
             dtype=values.dtype,
-            compressors=compressor(compression, values.dtype.itemsize),
+            compressors=compressors(compression, values.dtype.itemsize),
             fill_value=np.zeros((), dtype=values.dtype).item(),
             attributes=to_json(attrs or {}),
             dimension_names=dimension_names,
         )
         array[...] = values
-        self.outputs.append(name)
+        self._written(name, content_digest([values]))
         return array
 
     def commit(self, attrs: dict[str, Any]) -> None:
@@ -365,16 +502,33 @@ class RunWriter:
         Raises:
             StoreError: the attributes break run.schema.json (the staging group is removed).
         """
-        attrs = to_json({**attrs, "status": "complete", "outputs": list(self.outputs)})
+        attrs = to_json({**attrs, "status": "complete", "outputs": list(self.outputs), "checksums": dict(self.checksums)})
         try:
             validate(attrs, "run", f"{self.store.url}/{RUNS}/{self.run_id}")
         except StoreError:
             self.abort()
             raise
         self.group.attrs.put(attrs)
-        fs, base = self.store.fs, self.store.path
         self.store.remove_run(self.run_id)
-        fs.mv(f"{base}/{self.staging}", f"{base}/{RUNS}/{self.run_id}", recursive=True)
+        self._move_into_place()
+
+    def _move_into_place(self) -> None:
+        """Local disk: one directory rename (atomic). Object stores: copy every object, the
+        run group's ``zarr.json`` (which says ``status: complete``) last, then delete the staging
+        objects; a reader never sees a complete-looking run with missing arrays."""
+        fs, base = self.store.fs, self.store.path
+        source, target = f"{base}/{self.staging}", f"{base}/{RUNS}/{self.run_id}"
+        if _is_local(fs):
+            fs.makedirs(f"{base}/{RUNS}", exist_ok=True)
+            os.replace(source, target)
+            return
+        files = sorted(fs.find(source))
+        head = f"{source}/zarr.json"
+        body = [f for f in files if f != head]
+        if body:
+            fs.copy(body, [target + f[len(source):] for f in body])
+        fs.copy(head, f"{target}/zarr.json")
+        fs.rm(source, recursive=True)
 
     def abort(self) -> None:
         """Remove the staging group (nothing under ``runs/`` is touched)."""

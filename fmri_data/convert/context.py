@@ -76,6 +76,7 @@ class RunContext:
         mask: ``(X, Y, Z)`` bool brain mask on the target grid; ``grid`` that grid.
         roi: stored ROI series by array key, ``(T_out, R)`` float32 (normalized as stored).
         confounds: ``(columns, (T_in, C) float32)`` or None.
+        origin: local copy -> original URL, for files fetched from remote storage.
     """
 
     spec: RunSpec
@@ -91,16 +92,18 @@ class RunContext:
     grid: Grid | None = None
     roi: dict[str, np.ndarray] = field(default_factory=dict)
     confounds: tuple[list[str], np.ndarray] | None = None
+    origin: dict[str, str] = field(default_factory=dict)
 
     def add_source(self, path: str, kind: str, space: str | None, derivative: bool) -> None:
-        """Record a file read for this run, with its sha256."""
-        if any(s["path"] == path for s in self.sources):
+        """Record a file read for this run, with its sha256 (under its original URL when fetched)."""
+        original = self.origin.get(path, path)
+        if any(s["path"] == original for s in self.sources):
             return
         try:
             digest = file_sha256(path)
         except OSError as exc:
-            raise InputError(path, f"cannot read ({exc})") from exc
-        self.sources.append({"path": path, "kind": kind, "space": space, "derivative": derivative, "sha256": digest})
+            raise InputError(original, f"cannot read ({exc})") from exc
+        self.sources.append({"path": original, "kind": kind, "space": space, "derivative": derivative, "sha256": digest})
 
 
 def check_finite(block: np.ndarray, path: str, start: int, policy: str) -> np.ndarray:

@@ -9,7 +9,7 @@ from typing import Any
 from .. import engine
 from ..discover import discover
 from ..recipe import Recipe, load_recipe, recipe_hash
-from ..store import STAGING, Store
+from ..store import Store
 from .context import cached_atlas
 from .run import RunResult, convert_run
 
@@ -45,6 +45,9 @@ def convert(
     overwrite: bool = False,
     progress: bool = True,
     storage_options: dict[str, Any] | None = None,
+    input_options: dict[str, Any] | None = None,
+    cluster: str | None = None,
+    cluster_options: dict[str, Any] | None = None,
 ) -> ConvertReport:
     """Convert every run of a BIDS dataset into one Zarr v3 store.
 
@@ -59,10 +62,14 @@ def convert(
         atlas_dir: folder holding atlas files (else ``$FMRI_DATA_ATLAS_DIR``).
         scheduler: ``"threads"`` (default), ``"processes"`` (a local distributed cluster),
             ``"synchronous"``, or the address of a running Dask scheduler (``tcp://host:8786``).
-        workers: concurrent runs (threads or worker processes).
+        workers: concurrent runs (threads or worker processes; SLURM: jobs).
         overwrite: delete an existing store first.
         progress: show a progress bar.
         storage_options: fsspec options for ``output``.
+        input_options: fsspec options for a remote ``bids_root`` (e.g. ``{"anon": True}``).
+        cluster: ``"slurm"`` to start a ``dask_jobqueue.SLURMCluster`` (settings from the
+            recipe's ``compute.slurm`` updated by ``cluster_options``).
+        cluster_options: overrides of the cluster settings (cores, memory, walltime, queue, ...).
 
     Returns:
         :class:`ConvertReport`; failed runs are listed there, not raised.
@@ -83,6 +90,7 @@ def convert(
         prefer=resolved["inputs"]["prefer"],
         volume_space=volume_cfg.get("space"),
         volume_res=volume_cfg.get("resolution"),
+        storage_options=input_options,
     )
     for name in (resolved["roi"] or {}).get("atlases", []):
         cached_atlas(name, atlas_dir)  # a missing or off-grid atlas fails the whole conversion up front
@@ -90,7 +98,7 @@ def convert(
     done = set(store.run_ids())
     results = [RunResult(r.run_id, "exists", entities=dict(r.entities)) for r in runs if r.run_id in done]
     todo = [r for r in runs if r.run_id not in done]
-    _clear_stale_staging(store, [r.run_id for r in todo])
+    compute = resolved.get("compute") or {}
     results += engine.map_runs(
         convert_run,
         todo,
@@ -98,23 +106,20 @@ def convert(
         workers=workers,
         progress=progress,
         label=f"converting {len(todo)} runs",
-        kwargs={"recipe": resolved, "store_url": store.url, "atlas_dir": atlas_dir, "storage_options": storage_options},
+        kwargs={
+            "recipe": resolved,
+            "store_url": store.url,
+            "atlas_dir": atlas_dir,
+            "storage_options": storage_options,
+            "input_options": input_options,
+        },
+        cluster=cluster,
+        cluster_options={**(compute.get("slurm") or {}), **(cluster_options or {})},
+        memory_limit=compute.get("memory_per_worker"),
     )
     results.sort(key=lambda r: r.run_id)
     _write_index(store, results)
     return ConvertReport(store.url, results)
-
-
-def _clear_stale_staging(store: Store, run_ids: list[str]) -> None:
-    """Remove staging groups left by an interrupted conversion of these runs."""
-    base = f"{store.path}/{STAGING}"
-    if not store.fs.exists(base):
-        return
-    wanted = set(run_ids)
-    for entry in store.fs.ls(base, detail=False):
-        name = entry.rstrip("/").rsplit("/", 1)[-1]
-        if name.rsplit(".", 1)[0] in wanted:
-            store.fs.rm(entry, recursive=True)
 
 
 def _write_index(store: Store, results: list[RunResult]) -> None:

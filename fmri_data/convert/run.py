@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
-from ..discover import RunSpec
+from ..discover import RunSpec, Source
 from ..errors import FmriDataError
 from ..recipe import Recipe, recipe_hash
-from ..store import Store, now, software_versions
+from ..remote import local_copies
+from ..store import RunWriter, Store, now, software_versions
 from .context import RunContext
 from .surface import cifti_outputs, gifti_outputs
 from .tables import table_outputs
@@ -21,7 +22,8 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class RunResult:
-    """Outcome of one run: ``complete``, ``exists`` (already in the store), ``failed`` or ``skipped``."""
+    """Outcome of one run: ``complete``, ``exists`` (already in the store), ``claimed`` (another
+    converter holds it), ``failed`` or ``skipped``."""
 
     run_id: str
     status: str
@@ -42,6 +44,55 @@ def _no_output_reason(spec: RunSpec, recipe: Recipe) -> str:
     return f"no output of recipe '{recipe['name']}' applies to this run's sources: {', '.join(kinds)}"
 
 
+def _localized(spec: RunSpec, mapping: dict[str, str]) -> RunSpec:
+    """A copy of ``spec`` whose file paths point at local copies."""
+
+    def source(src: Source | None) -> Source | None:
+        return None if src is None else replace(src, path=mapping.get(src.path, src.path))
+
+    out = replace(spec)
+    out.volume = source(spec.volume)
+    out.cifti_dense = source(spec.cifti_dense)
+    out.surface = {h: source(s) for h, s in spec.surface.items()} if spec.surface else None
+    out.parcellated = [source(s) for s in spec.parcellated]
+    for name in ("mask", "confounds", "events"):
+        value = getattr(spec, name)
+        setattr(out, name, mapping.get(value, value) if value else None)
+    return out
+
+
+def _file_paths(spec: RunSpec) -> list[str]:
+    return [s.path for s in spec.sources()] + [p for p in (spec.mask, spec.confounds, spec.events) if p]
+
+
+def _build(ctx: RunContext, writer: RunWriter) -> dict[str, Any] | None:
+    """Write every output the recipe asks for; None when none applies to this run."""
+    spec, recipe = ctx.spec, ctx.recipe
+    attrs: dict[str, Any] = {}
+    if spec.volume is not None:
+        attrs.update(volume_outputs(ctx, writer))
+    has_roi = any(name.startswith("roi/") for name in writer.outputs)
+    attrs.update(cifti_outputs(ctx, writer, atlas_rois=not has_roi))
+    has_roi = has_roi or (spec.cifti_dense is not None and bool(recipe["roi"]))
+    if spec.surface and recipe["roi"] and not has_roi:
+        attrs.update(gifti_outputs(ctx, writer))
+    if not writer.outputs:
+        return None
+    attrs.update(table_outputs(ctx, writer, attrs["n_frames_source"]))
+    attrs.update(
+        run_id=spec.run_id,
+        entities=spec.entities,
+        sources=ctx.sources,
+        participant=spec.participant,
+        metadata=spec.metadata,
+        recipe_hash=ctx.recipe_hash,
+        software=software_versions(),
+        created=now(),
+        warnings=ctx.warnings,
+    )
+    return attrs
+
+
 def convert_run(
     spec: RunSpec,
     recipe: Recipe,
@@ -49,8 +100,14 @@ def convert_run(
     *,
     atlas_dir: str | None = None,
     storage_options: dict[str, Any] | None = None,
+    input_options: dict[str, Any] | None = None,
 ) -> RunResult:
     """Convert one run into the store. Never raises for bad input: returns a failed result.
+
+    The run is first claimed in the store (so that converters running at the same time
+    never write the same run), its remote files are fetched into a private temporary
+    folder, every output is written into a staging group, and the group is committed
+    atomically.
 
     Args:
         spec: the run, from :func:`fmri_data.discover.discover`.
@@ -58,9 +115,12 @@ def convert_run(
         store_url: an existing store (see :meth:`Store.create`).
         atlas_dir: folder of atlas files.
         storage_options: fsspec options of the store.
+        input_options: fsspec options of remote input files.
 
     Returns:
-        :class:`RunResult` with status ``complete``, ``skipped`` or ``failed``.
+        :class:`RunResult` with status ``complete``, ``exists`` (finished by another
+        converter meanwhile), ``claimed`` (being converted by another converter),
+        ``skipped`` (no output applies) or ``failed`` (``error`` names the file and cause).
     """
     started = time.perf_counter()
     result = RunResult(spec.run_id, "failed", entities=dict(spec.entities))
@@ -69,52 +129,52 @@ def convert_run(
         return result
     ctx = RunContext(spec, recipe, recipe_hash(recipe), atlas_dir)
     writer = None
+    store = None
+    mapping: dict[str, str] = {}
     try:
         store = Store.open(store_url, storage_options)
-        writer = store.begin_run(spec.run_id)
-        attrs: dict[str, Any] = {}
-        if spec.volume is not None:
-            attrs.update(volume_outputs(ctx, writer))
-        has_roi = any(name.startswith("roi/") for name in writer.outputs)
-        attrs.update(cifti_outputs(ctx, writer, atlas_rois=not has_roi))
-        has_roi = has_roi or (spec.cifti_dense is not None and bool(recipe["roi"]))
-        if spec.surface and recipe["roi"] and not has_roi:
-            attrs.update(gifti_outputs(ctx, writer))
-        if not writer.outputs:
-            writer.abort()
-            result.status, result.error = "skipped", _no_output_reason(spec, recipe)
+        if not store.claim(spec.run_id):
+            result.status = "claimed"
             return result
-        attrs.update(table_outputs(ctx, writer, attrs["n_frames_source"]))
-        attrs.update(
-            run_id=spec.run_id,
-            entities=spec.entities,
-            sources=ctx.sources,
-            participant=spec.participant,
-            metadata=spec.metadata,
-            recipe_hash=ctx.recipe_hash,
-            software=software_versions(),
-            created=now(),
-            warnings=ctx.warnings,
-        )
-        writer.commit(attrs)
+        if store.is_complete(spec.run_id):
+            result.status = "exists"
+            return result
+        store.clear_staging(spec.run_id)
+        with local_copies(_file_paths(spec), input_options) as mapping:
+            ctx.spec = _localized(spec, mapping)
+            ctx.origin = {local: original for original, local in mapping.items()}
+            writer = store.begin_run(spec.run_id)
+            attrs = _build(ctx, writer)
+            if attrs is None:
+                result.status, result.error = "skipped", _no_output_reason(spec, recipe)
+                return result
+            writer.commit(attrs)
         result.status = "complete"
         result.tr_s, result.n_frames = attrs["tr_s"], attrs["n_frames"]
         result.outputs = list(writer.outputs)
     except FmriDataError as exc:
-        result.error = str(exc)
+        result.error = _with_origins(str(exc), mapping)
     except MemoryError:
         result.error = f"{spec.primary.path}: out of memory while converting"
     except Exception as exc:  # a bug or an unforeseen file defect: report it, keep converting others
         log.exception("unexpected error converting %s", spec.run_id)
-        result.error = f"{spec.primary.path}: unexpected {type(exc).__name__}: {exc}"
+        result.error = _with_origins(f"{spec.primary.path}: unexpected {type(exc).__name__}: {exc}", mapping)
     finally:
         if writer is not None and result.status != "complete":
             try:
                 writer.abort()
             except Exception:  # pragma: no cover - best effort cleanup
                 pass
-        result.warnings = list(ctx.warnings)
+        if store is not None and result.status != "claimed":
+            store.release(spec.run_id)
+        result.warnings = [_with_origins(w, mapping) for w in ctx.warnings]
         result.seconds = time.perf_counter() - started
     return result
 
 
+def _with_origins(text: str, mapping: dict[str, str]) -> str:
+    """Replace temporary local copies in a message by the URLs they were fetched from."""
+    for original, local in mapping.items():
+        if local != original:
+            text = text.replace(local, original)
+    return text

@@ -33,7 +33,7 @@ def cifti_outputs(ctx: RunContext, writer: RunWriter, atlas_rois: bool) -> dict[
         data = check_finite(cifti.read(), cifti.path, 0, recipe["inputs"]["nan_policy"])
         if atlas_name is None:
             key = src.entities.get("seg") or Path(src.path).name.split(".")[0]
-            labels, info, missing, n_vox = cifti.names, {"name": key, "file": src.path}, [], None
+            labels, info, missing, n_vox = cifti.names, {"name": key, "file": ctx.origin.get(src.path, src.path)}, [], None
         else:
             atlas = cached_atlas(atlas_name, ctx.atlas_dir)
             p = cifti_parcel_operator(atlas, cifti.brain_models, cifti.path)
