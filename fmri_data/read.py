@@ -17,6 +17,7 @@ import gzip
 import math
 import mmap
 import re
+import struct
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,7 +33,24 @@ from .errors import InputError
 TR_RANGE_S = (0.05, 60.0)
 
 _TIME_UNITS = {"sec": 1.0, "msec": 1e-3, "usec": 1e-6}
-_READ_ERRORS = (OSError, EOFError, zlib.error, gzip.BadGzipFile, ValueError, nib.filebasedimages.ImageFileError)
+#: What nibabel and the decompressors raise on malformed files (each becomes an InputError).
+_READ_ERRORS = (
+    OSError,
+    EOFError,
+    zlib.error,
+    gzip.BadGzipFile,
+    ValueError,
+    TypeError,
+    KeyError,
+    IndexError,
+    OverflowError,
+    struct.error,
+    nib.filebasedimages.ImageFileError,
+    nib.spatialimages.HeaderDataError,
+)
+#: Largest plausible image: 512^3 voxels per frame, a million frames.
+MAX_VOXELS_PER_FRAME = 512**3
+MAX_FRAMES = 1_000_000
 
 
 def _load(path: str | Path) -> Any:
@@ -102,9 +120,29 @@ class VolumeSeries:
             yield start, stop, self.read(start, stop)
 
 
+def _check_size(path: str | Path, img: Any, shape: tuple[int, ...]) -> None:
+    """Refuse implausible dimensions, and uncompressed files shorter than their header says."""
+    if min(shape) < 1 or int(np.prod(shape[:3])) > MAX_VOXELS_PER_FRAME or (len(shape) > 3 and shape[3] > MAX_FRAMES):
+        raise InputError(path, f"implausible image dimensions {shape}")
+    if str(path).endswith(".gz"):
+        return
+    try:
+        offset = int(img.dataobj.offset)
+        itemsize = np.dtype(img.get_data_dtype()).itemsize
+    except (AttributeError, TypeError, ValueError):
+        return
+    needed = offset + int(np.prod(shape)) * itemsize
+    size = Path(path).stat().st_size
+    if size < needed:
+        raise InputError(path, f"file holds {size} bytes but its header describes {needed} (truncated or wrong dimensions)")
+
+
 def _header_tr(header: Any) -> tuple[float | None, str]:
     zooms = header.get_zooms()
-    unit = header.get_xyzt_units()[1]
+    try:
+        unit = header.get_xyzt_units()[1]
+    except KeyError:  # an xyzt_units code NIfTI does not define
+        unit = "unknown"
     if len(zooms) < 4 or not np.isfinite(zooms[3]) or zooms[3] <= 0:
         return None, unit
     value = float(zooms[3])
@@ -126,6 +164,7 @@ def open_volume(path: str | Path) -> VolumeSeries:
         raise InputError(path, f"{len(shape)}D image of shape {shape}; expected a 4D BOLD series (X, Y, Z, T)")
     if shape[3] < 2:
         raise InputError(path, f"only {shape[3]} frame; a BOLD series needs at least 2")
+    _check_size(path, img, shape)
     affine = np.asarray(img.affine, dtype=np.float64)
     if not np.all(np.isfinite(affine)) or abs(np.linalg.det(affine[:3, :3])) < 1e-9:
         raise InputError(path, "affine is singular or not finite")
@@ -159,6 +198,7 @@ def read_image_3d(path: str | Path, *, dtype: Any = np.float32) -> tuple[np.ndar
         shape = shape[:3]
     if len(shape) != 3:
         raise InputError(path, f"image of shape {tuple(img.shape)}; expected a 3D volume")
+    _check_size(path, img, shape)
     try:
         data = np.asarray(img.dataobj, dtype=dtype).reshape(shape)
     except _READ_ERRORS as exc:

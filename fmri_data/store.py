@@ -450,6 +450,7 @@ class RunWriter:
             fill_value=0,
             attributes=to_json(attrs or {}),
             dimension_names=dimension_names,
+            config={"write_empty_chunks": True},  # every shard exists: a missing one is detectable
         )
         digest = hashlib.sha256()
         for start in range(0, n_frames, shard_frames):
@@ -491,6 +492,7 @@ class RunWriter:
             fill_value=np.zeros((), dtype=values.dtype).item(),
             attributes=to_json(attrs or {}),
             dimension_names=dimension_names,
+            config={"write_empty_chunks": True},
         )
         array[...] = values
         self._written(name, content_digest([values]))

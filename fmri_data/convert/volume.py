@@ -100,6 +100,9 @@ def volume_outputs(ctx: RunContext, writer: RunWriter) -> dict[str, Any]:
         for out, p in zip(parcels, parcel_ops):
             out[start:stop] = (p.matrix @ flat).T
 
+    signal = [x for x in ([brain] if brain is not None else []) + parcels if x.size]
+    if signal and not any(np.ptp(x, axis=0).max() > 0 for x in signal):
+        raise InputError(vol.path, "no BOLD signal: every voxel is constant over time")
     ctx.tr_in, ctx.tr_out = tr_in, tr_out
     temporal = recipe["temporal"]
     if op is not None:
