@@ -50,8 +50,12 @@ def _located(attrs: dict) -> dict:
 
 
 def test_local_cluster_of_two_processes_equals_threads_bit_for_bit(real_store, tmp_path, atlas_dir):
+    from distributed import LocalCluster
+
     out = str(tmp_path / "distributed.zarr")
-    report = convert(DS_REAL, out, atlas_dir=atlas_dir, scheduler="processes", workers=2, progress=False)
+    # an existing cluster reached by its address, as a lab's cluster would be
+    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None) as cluster:
+        report = convert(DS_REAL, out, atlas_dir=atlas_dir, scheduler=cluster.scheduler_address, progress=False)
     assert report.count("complete") == 15 and not report.failed
     assert_same_runs(real_store, out)
     assert Store.open(out).run_ids() == Store.open(real_store).run_ids()
