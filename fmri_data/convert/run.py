@@ -12,6 +12,7 @@ from ..errors import FmriDataError
 from ..recipe import Recipe, recipe_hash
 from ..store import Store, now, software_versions
 from .context import RunContext
+from .saliency import saliency_outputs
 from .surface import cifti_outputs, gifti_outputs
 from .tables import table_outputs
 from .volume import volume_outputs
@@ -85,6 +86,7 @@ def convert_run(
             result.status, result.error = "skipped", _no_output_reason(spec, recipe)
             return result
         attrs.update(table_outputs(ctx, writer, attrs["n_frames_source"]))
+        saliency_outputs(ctx, writer, attrs)
         attrs.update(
             run_id=spec.run_id,
             entities=spec.entities,
