@@ -136,13 +136,14 @@ def _print_saliency(runs: list[dict]) -> None:
     console.print("[bold]saliency[/bold] top-k windows, best first: start frame (start time s)")
     for run, name, s in rows:
         if "skipped" in s:
-            console.print(f"  {run['run_id']}  {name}: [yellow]skipped[/yellow] {escape(s['skipped'])}")
+            console.print(f"  {escape(run['run_id'])}  {escape(name)}: [yellow]skipped[/yellow] {escape(s['skipped'])}")
             continue
         windows = ", ".join(f"{f} ({t:g} s)" for f, t in zip(s["topk_starts"], s["topk_times_s"]))
-        console.print(
-            f"  {run['run_id']}  {name} [{escape(s['source'])}, window {s['window']}, stride {s['stride']}, "
+        line = (
+            f"  {run['run_id']}  {name} [{s['source']}, window {s['window']}, stride {s['stride']}, "
             f"{s['k']} of {s['n_windows']}]: {windows or '-'}"
         )
+        console.print(escape(line))
 
 
 @app.command()

@@ -243,7 +243,7 @@ def score_run(
     Returns:
         ``(results, skipped)``: one :class:`WindowScores` per scorer that applies, and
         ``{scorer: reason}`` for the others (no usable source, no framewise displacement,
-        the run lacks the network's ROI series).
+        the run lacks the network's ROI series, a series a scorer cannot use).
 
     Raises:
         ValueError: an unknown scorer name.
@@ -269,7 +269,11 @@ def score_run(
                 x = sal.cube_means(x, data.mask(), settings.cube_voxels)
                 params["cube_voxels"] = settings.cube_voxels
                 params["n_cubes"] = int(x.shape[1])
-            raw = scorer.fn(x, starts, settings.window)
+            try:
+                raw = scorer.fn(x, starts, settings.window)
+            except ValueError as exc:  # e.g. dynamic FC of a single-parcel series
+                skipped[name] = f"cannot score {source}: {exc}"
+                continue
             description = scorer.description
         elif base in learned:
             model = learned[base]
@@ -380,15 +384,14 @@ def replace_in_committed_run(store: Store, run_id: str, results: list[WindowScor
     for name in [r.scorer for r in results] + list(skipped):
         _clear_stale(store, run_id, name)
     for result in results:
-        token = secrets.token_hex(4)
-        staging = f"{STAGING}/{run_id}.{GROUP}-{result.scorer}.{token}"
+        staging = f"{STAGING}/{run_id}.{GROUP}-{result.scorer}.{secrets.token_hex(4)}"
         try:
             write_scores(zarr.open_group(store=store.zarr_store, path=staging, mode="w"), result, compression)
-            _swap(store, f"{parent_key}/{result.scorer}", staging, f"{staging}.old")
-        finally:
-            for leftover in (staging, f"{staging}.old"):
-                if fs.exists(f"{base}/{leftover}"):
-                    fs.rm(f"{base}/{leftover}", recursive=True)
+        except BaseException:
+            if fs.exists(f"{base}/{staging}"):
+                fs.rm(f"{base}/{staging}", recursive=True)
+            raise
+        _swap(store, f"{parent_key}/{result.scorer}", staging, f"{staging}.old")
     for name in skipped:
         target = f"{base}/{parent_key}/{name}"
         if fs.exists(target):
@@ -404,10 +407,26 @@ def replace_in_committed_run(store: Store, run_id: str, results: list[WindowScor
 
 
 def _swap(store: Store, target: str, staging: str, aside: str) -> None:
+    """Move ``staging`` to ``target``; an existing ``target`` is moved aside first, then removed.
+
+    If the second rename fails the old group is moved back. A crash between the two
+    renames leaves no group at ``target`` (the old one waits in ``_staging/`` and is
+    removed by the next rescoring of that run and scorer).
+    """
     fs, base = store.fs, store.path
-    if fs.exists(f"{base}/{target}"):
+    aside_used = fs.exists(f"{base}/{target}")
+    if aside_used:
         fs.mv(f"{base}/{target}", f"{base}/{aside}", recursive=True)
-    fs.mv(f"{base}/{staging}", f"{base}/{target}", recursive=True)
+    try:
+        fs.mv(f"{base}/{staging}", f"{base}/{target}", recursive=True)
+    except BaseException:
+        if aside_used and not fs.exists(f"{base}/{target}"):
+            fs.mv(f"{base}/{aside}", f"{base}/{target}", recursive=True)
+        if fs.exists(f"{base}/{staging}"):
+            fs.rm(f"{base}/{staging}", recursive=True)
+        raise
+    if aside_used:
+        fs.rm(f"{base}/{aside}", recursive=True)
 
 
 def _clear_stale(store: Store, run_id: str, scorer: str) -> None:

@@ -17,11 +17,15 @@ back to ``R`` parcels. It is fully convolutional in time, so it scores windows o
 length. Inputs are z-scored per parcel over the whole run (:func:`standardize`).
 
 Training is seeded: the same series, settings and seed give the same weights on the same
-machine and thread count (CPU convolutions are deterministic; CUDA is not guaranteed to be).
+machine (CPU convolutions are deterministic; CUDA is not guaranteed to be). On the CPU,
+training and scoring run on one thread by default: the network is small enough that more
+threads gain little, oversubscribe a machine already busy with other runs (8x slower on a
+loaded 2-core machine), and change float summation order with the thread count.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import struct
@@ -112,6 +116,19 @@ def standardize(series: np.ndarray) -> np.ndarray:
     return ((x - mean) / np.where(std > 0, std, 1.0)).astype(np.float32)
 
 
+@contextlib.contextmanager
+def cpu_threads(n: int | None):
+    """Run torch CPU ops on ``n`` intra-op threads (None: leave torch's setting), then restore."""
+    torch = _torch()
+    previous = torch.get_num_threads()
+    if n is not None:
+        torch.set_num_threads(int(n))
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
+
+
 def resolve_device(device: str) -> str:
     """``"auto"`` -> ``"cuda"`` when available else ``"cpu"``.
 
@@ -152,6 +169,7 @@ def fit(
     seed: int = 0,
     device: str = "cpu",
     config: NetConfig | None = None,
+    threads: int | None = 1,
 ) -> FitResult:
     """Train :class:`MaskedFrameNet` by masked-frame prediction on ROI series.
 
@@ -169,6 +187,7 @@ def fit(
         device: ``"cpu"``, ``"cuda"`` or ``"auto"``.
         config: network settings (``n_channels`` must match ``R``); default
             ``NetConfig(R)``.
+        threads: torch CPU threads while training (None: torch's current setting).
 
     Returns:
         :class:`FitResult` with the network on the CPU and the loss of every step.
@@ -177,7 +196,6 @@ def fit(
         ValueError: no run is at least ``window`` frames long, runs differ in ``R``, or
             the device is unavailable.
     """
-    torch = _torch()
     runs = [standardize(s) for s in series if s.shape[0] >= window]
     if not runs:
         raise ValueError(f"no run has at least {window} frames to train on")
@@ -188,6 +206,13 @@ def fit(
     if config.n_channels != n_channels:
         raise ValueError(f"config.n_channels={config.n_channels} but the series have {n_channels} parcels")
     device = resolve_device(device)
+    with cpu_threads(threads):
+        return _train(runs, window, config, steps, batch, lr, seed, device)
+
+
+def _train(runs, window, config, steps, batch, lr, seed, device) -> FitResult:
+    torch = _torch()
+    n_channels = config.n_channels
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         net = build_net(config)
@@ -214,7 +239,9 @@ def fit(
     return FitResult(net, config, window, losses, seed=seed, steps=steps, batch=batch, lr=lr)
 
 
-def reconstruction_error(net, config: NetConfig, series: np.ndarray, starts: np.ndarray, window: int, device: str = "cpu") -> np.ndarray:
+def reconstruction_error(
+    net, config: NetConfig, series: np.ndarray, starts: np.ndarray, window: int, device: str = "cpu", threads: int | None = 1
+) -> np.ndarray:
     """Saliency of each window: mean squared masked-frame reconstruction error.
 
     The run is z-scored per parcel (:func:`standardize`); each window is passed alone,
@@ -227,6 +254,7 @@ def reconstruction_error(net, config: NetConfig, series: np.ndarray, starts: np.
         series: ``(T, R)`` ROI series, time first, ``R == config.n_channels``.
         starts: ``(n,)`` window start frames; window: frames per window.
         device: ``"cpu"``, ``"cuda"`` or ``"auto"``.
+        threads: torch CPU threads (None: torch's current setting).
 
     Returns:
         ``(n,)`` float64 (z-score units squared).
@@ -247,7 +275,7 @@ def reconstruction_error(net, config: NetConfig, series: np.ndarray, starts: np.
     net = net.to(device).eval()
     errors = torch.zeros(len(starts), dtype=torch.float64, device=device)
     t = torch.arange(window, device=device)
-    with torch.no_grad():
+    with torch.no_grad(), cpu_threads(threads):
         for phase in range(config.period):
             mask = (t % config.period == phase).to(torch.float32)[None, None, :].expand(len(starts), 1, window)
             pred = net(x, mask)
