@@ -79,6 +79,8 @@ class SaliencySettings:
 
     def __post_init__(self):
         sal.check_window(self.window, self.stride, self.k)
+        if self.fd_threshold_mm <= 0 or self.cube_voxels < 1:
+            raise ValueError(f"saliency needs fd_threshold_mm > 0 and cube_voxels >= 1 (got {self.fd_threshold_mm}, {self.cube_voxels})")
         for source in self.sources:
             if not (source in ("roi", "bold") or source.startswith("roi/")):
                 raise ValueError(f"saliency source '{source}' is not roi/<key>, roi or bold")
@@ -95,16 +97,20 @@ def settings_from_recipe(recipe: dict[str, Any], **overrides: Any) -> SaliencySe
     cfg.update({k: v for k, v in overrides.items() if v not in (None, [], ())})
     if not cfg.get("scorers"):
         return None
-    window = int(cfg.get("window") or recipe["store"]["chunk_frames"])
-    source = cfg.get("source") or list(DEFAULT_SOURCES)
+
+    def get(key: str, default: Any) -> Any:
+        return default if cfg.get(key) is None else cfg[key]
+
+    window = int(get("window", recipe["store"]["chunk_frames"]))
+    source = get("source", list(DEFAULT_SOURCES))
     return SaliencySettings(
         scorers=tuple(cfg["scorers"]),
         window=window,
-        stride=int(cfg.get("stride") or window),
-        k=int(cfg.get("k") or DEFAULT_K),
+        stride=int(get("stride", window)),
+        k=int(get("k", DEFAULT_K)),
         sources=(source,) if isinstance(source, str) else tuple(source),
-        fd_threshold_mm=float(cfg.get("fd_threshold_mm") or DEFAULT_FD_THRESHOLD_MM),
-        cube_voxels=int(cfg.get("cube_voxels") or DEFAULT_CUBE_VOXELS),
+        fd_threshold_mm=float(get("fd_threshold_mm", DEFAULT_FD_THRESHOLD_MM)),
+        cube_voxels=int(get("cube_voxels", DEFAULT_CUBE_VOXELS)),
     )
 
 

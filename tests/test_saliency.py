@@ -356,3 +356,5 @@ def test_cli_fit_score_inspect(slim_roi_store, tmp_path):
         score_store(out, ["masked_conv"])
     bad = runner.invoke(app, ["saliency", "score", out, "--scorer", "nonsense"])
     assert bad.exit_code == 2 and "unknown saliency scorer" in bad.output
+    zero = runner.invoke(app, ["saliency", "score", out, "--scorer", "dvars", "--k", "0"])
+    assert zero.exit_code == 2 and "k >= 1" in zero.output
