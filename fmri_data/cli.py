@@ -1,4 +1,4 @@
-"""Command line: ``fmri-data convert | inspect | validate | recipes``."""
+"""Command line: ``fmri-data convert | inspect | validate | recipes | saliency``."""
 
 from __future__ import annotations
 
@@ -147,6 +147,25 @@ def inspect(
     console.print(table)
     for row in summary["not_converted"]:
         console.print(f"[yellow]{row['status']}[/yellow] {row['run_id']}: {escape(str(row['reason']))}")
+    _print_saliency(summary["runs"])
+
+
+def _print_saliency(runs: list[dict]) -> None:
+    """Per run and scorer: the top-k window start frames (and times) or why it was skipped."""
+    rows = [(run, name, s) for run in runs for name, s in run.get("saliency", {}).items()]
+    if not rows:
+        return
+    console.print("[bold]saliency[/bold] top-k windows, best first: start frame (start time s)")
+    for run, name, s in rows:
+        if "skipped" in s:
+            console.print(f"  {escape(run['run_id'])}  {escape(name)}: [yellow]skipped[/yellow] {escape(s['skipped'])}")
+            continue
+        windows = ", ".join(f"{f} ({t:g} s)" for f, t in zip(s["topk_starts"], s["topk_times_s"]))
+        line = (
+            f"  {run['run_id']}  {name} [{s['source']}, window {s['window']}, stride {s['stride']}, "
+            f"{s['k']} of {s['n_windows']}]: {windows or '-'}"
+        )
+        console.print(escape(line))
 
 
 @app.command()
@@ -173,6 +192,11 @@ def recipes() -> None:
 
     for name in available_recipes():
         console.print(f"[bold]{name}[/bold]: {escape(load_recipe(name).get('description', ''))}")
+
+
+from .cli_saliency import app as _saliency_app  # noqa: E402
+
+app.add_typer(_saliency_app, name="saliency")
 
 
 def main() -> None:  # pragma: no cover - entry point

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
+from .saliency import read_run_saliency
 from .store import Store
 
 
@@ -14,7 +15,8 @@ def summarize(store: Store) -> dict[str, Any]:
     Returns:
         ``{"store", "recipe", "schema_version", "created", "runs": [...], "not_converted": [...]}``
         where each run has ``run_id``, ``tr_s``, ``n_frames``, ``arrays`` (name -> shape,
-        dtype), ``nbytes`` (stored), ``warnings``; ``not_converted`` lists failed or
+        dtype), ``nbytes`` (stored), ``warnings``, ``saliency`` (top-k windows per scorer,
+        :func:`saliency_summary`); ``not_converted`` lists failed or
         skipped runs from the index with their reason.
     """
     attrs = store.attrs
@@ -35,6 +37,7 @@ def summarize(store: Store) -> dict[str, Any]:
                 "arrays": arrays,
                 "nbytes": store.nbytes_stored(run_id),
                 "warnings": run_attrs["warnings"],
+                "saliency": saliency_summary(group, run_attrs["tr_s"]),
             }
         )
     index = store.read_index()
@@ -51,6 +54,33 @@ def summarize(store: Store) -> dict[str, Any]:
         "runs": runs,
         "not_converted": not_converted,
     }
+
+
+def saliency_summary(group, tr_s: float) -> dict[str, Any]:
+    """Top-k windows of each saliency scorer of a run.
+
+    Returns:
+        ``{scorer: {source, window, stride, k, n_windows, topk_starts, topk_times_s,
+        topk_scores}}`` (best window first; ``topk_times_s`` = start frame * TR), plus
+        ``{scorer: {"skipped": reason}}`` for scorers that did not apply.
+    """
+    scored, skipped = read_run_saliency(group)
+    out: dict[str, Any] = {}
+    for name, s in scored.items():
+        starts = s["starts"][s["topk"]]
+        out[name] = {
+            "source": s["source"],
+            "window": s["window"],
+            "stride": s["stride"],
+            "k": s["k"],
+            "n_windows": s["n_windows"],
+            "topk_starts": [int(v) for v in starts],
+            "topk_times_s": [round(float(v) * tr_s, 3) for v in starts],
+            "topk_scores": [float(v) for v in s["scores"][s["topk"]]],
+        }
+    for name, reason in skipped.items():
+        out.setdefault(name, {"skipped": reason})
+    return out
 
 
 def to_json(summary: dict[str, Any]) -> str:

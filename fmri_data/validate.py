@@ -9,6 +9,7 @@ import numpy as np
 import hashlib
 
 from .errors import StoreError
+from .saliency import check_run_saliency
 from .schema import validate
 from .store import RUNS, Store
 
@@ -61,6 +62,7 @@ def validate_run(store: Store, run_id: str) -> list[str]:
             problems.append(str(exc))
             continue
         _check_series(problems, f"{where}/{name}", array, n_frames, (len(roi_attrs["labels"]),), chunk_frames)
+    problems += check_run_saliency(store, group, attrs, where)
     return problems
 
 
