@@ -9,6 +9,10 @@ Boundary semantics match ``scipy.ndimage.map_coordinates(order=1, mode="constant
 cval=0)`` and therefore ``nilearn.image.resample_img``: a target voxel whose source
 coordinate lies outside ``[0, n - 1]`` on any axis gets 0. Nearest neighbour rounds half
 up (``floor(c + 0.5)``), as scipy does.
+
+The operator is applied by the shared sparse kernel of :mod:`fmri_data.resample.operator`
+(numba on CPU, torch on CUDA); ``method="reference"`` runs
+``scipy.ndimage.map_coordinates`` frame by frame instead.
 """
 
 from __future__ import annotations
@@ -16,6 +20,8 @@ from __future__ import annotations
 import numpy as np
 import scipy.sparse as sp
 from scipy import ndimage
+
+from .operator import CHUNK_BYTES, PreparedOperator
 
 
 def source_coordinates(
@@ -135,9 +141,14 @@ def resample_volume(
     target_shape: tuple[int, int, int],
     target_affine: np.ndarray,
     order: int = 1,
-    method: str = "sparse",
+    method: str = "auto",
+    device: str = "auto",
+    chunk_bytes: int = CHUNK_BYTES,
 ) -> np.ndarray:
     """Resample a 3D or 4D volume onto a target grid.
+
+    The weights are computed once (:func:`resampling_matrix`) and applied to all frames,
+    ``chunk_bytes`` of source frames at a time.
 
     Args:
         data: ``(X, Y, Z)`` or ``(X, Y, Z, T)`` source values (RAS+ or any orientation; the
@@ -146,11 +157,17 @@ def resample_volume(
         target_shape: ``(X', Y', Z')``.
         target_affine: 4x4 voxel -> world (mm) of the target grid.
         order: 1 = trilinear, 0 = nearest.
-        method: ``"sparse"`` (precomputed operator, applied to all frames at once) or
+        method: ``"auto"`` (torch on CUDA when present and ``device`` allows, else numba),
+            ``"numba"``, ``"torch"``, ``"sparse"`` (scipy.sparse operator) or
             ``"reference"`` (``scipy.ndimage.map_coordinates`` frame by frame).
+        device: ``"auto"``, ``"cpu"`` or ``"cuda"``.
+        chunk_bytes: bytes of source frames converted / sent to the device at a time.
 
     Returns:
         float32 array ``(X', Y', Z')`` or ``(X', Y', Z', T)``.
+
+    Raises:
+        ValueError: unknown ``order``, ``method`` or ``device``; CUDA asked for but absent.
     """
     volume = np.asarray(data)
     frames = volume.reshape(volume.shape[:3] + (-1,))
@@ -164,10 +181,9 @@ def resample_volume(
             ],
             axis=1,
         )
-    elif method == "sparse":
-        matrix = resampling_matrix(volume.shape[:3], source_affine, target_ijk, target_affine, order)
-        out = matrix @ frames.reshape(-1, frames.shape[3]).astype(np.float64)
     else:
-        raise ValueError(f"unknown method {method!r}; use 'sparse' or 'reference'")
-    out = out.astype(np.float32).reshape(tuple(target_shape) + (frames.shape[3],))
+        matrix = resampling_matrix(volume.shape[:3], source_affine, target_ijk, target_affine, order)
+        operator = PreparedOperator(matrix, method, device, chunk_bytes=chunk_bytes)
+        out = operator(frames.reshape(-1, frames.shape[3]))
+    out = out.astype(np.float32, copy=False).reshape(tuple(target_shape) + (frames.shape[3],))
     return out if volume.ndim == 4 else out[..., 0]
