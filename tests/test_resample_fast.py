@@ -210,7 +210,8 @@ def test_conversion_uses_the_numba_kernel_by_default(tmp_path, atlas_dir, monkey
     attrs = Store.open(out).run_attrs(report.results[0].run_id)
     n_brain, n_source = attrs["volume"]["n_brain_voxels"], attrs["n_frames_source"]
     assert (n_brain, n_source) in calls  # spatial: (brain voxels, frames), all frames in one block
-    assert (attrs["n_frames"], n_brain) in calls  # TR 2.0 -> 1.5 s: (output frames, brain voxels)
+    # TR 2.0 -> 1.5 s: (output frames, brain voxels in column chunks) and (output frames, parcels)
+    assert sum(c for r, c in calls if r == attrs["n_frames"]) == n_brain + 400
     assert attrs["n_frames"] == 213
     # a CUDA request without a device fails the run with a clear message
     if not cuda_available():

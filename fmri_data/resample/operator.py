@@ -38,33 +38,29 @@ DEVICES = ("auto", "cpu", "cuda")
 #: Bytes of dense input converted (cast, copied or sent to the GPU) at a time.
 CHUNK_BYTES = 128 * 2**20
 
-_ROW_BLOCK = 64  # rows per parallel work item
-_COL_TILE = 2048  # columns per work item (keeps the accumulator in cache for wide x)
+#: Columns per numba call for wide inputs (TR resampling of many voxels): a row of the
+#: output chunk stays in cache while the operator's non-zeros of that row are summed.
+NUMBA_COLUMNS = 4096
 
 
-@numba.njit(parallel=True, cache=True, nogil=True)
+@numba.njit(parallel=True, cache=True, nogil=True, fastmath={"contract"})
 def _csr_times_dense(indptr, indices, data, x, out):  # pragma: no cover - compiled
     """``out[r, :] = sum_k data[k] * x[indices[k], :]`` over ``k in indptr[r]:indptr[r+1]``.
 
-    Accumulates in the dtype of ``data``; ``out`` may be any layout (e.g. a transposed view).
+    Rows are split over threads; ``x`` and ``out`` are C-contiguous so that the inner loop
+    runs over contiguous columns (vectorized, fused multiply-add); accumulates in the
+    dtype of ``out``.
     """
     n_rows, n_cols = out.shape
-    n_blocks = (n_rows + _ROW_BLOCK - 1) // _ROW_BLOCK
-    n_tiles = (n_cols + _COL_TILE - 1) // _COL_TILE
-    for item in numba.prange(n_blocks * n_tiles):
-        block = item // n_tiles
-        c0 = (item % n_tiles) * _COL_TILE
-        c1 = min(c0 + _COL_TILE, n_cols)
-        acc = np.empty(c1 - c0, dtype=data.dtype)
-        for r in range(block * _ROW_BLOCK, min((block + 1) * _ROW_BLOCK, n_rows)):
-            acc[:] = 0.0
-            for k in range(indptr[r], indptr[r + 1]):
-                w = data[k]
-                row = x[indices[k]]
-                for c in range(c0, c1):
-                    acc[c - c0] += w * row[c]
-            for c in range(c0, c1):
-                out[r, c] = acc[c - c0]
+    for r in numba.prange(n_rows):
+        acc = out[r]
+        for c in range(n_cols):
+            acc[c] = 0.0
+        for k in range(indptr[r], indptr[r + 1]):
+            w = data[k]
+            row = x[indices[k]]
+            for c in range(n_cols):
+                acc[c] += w * row[c]
 
 
 _LAYER_LOCK = threading.Lock()
@@ -141,7 +137,9 @@ class PreparedOperator:
         method, device: see :func:`resolve_backend`.
         dtype: dtype of the weights and of the accumulation (float32 is enough for
             interpolation with <= 8 terms; float64 for long sums such as parcel means).
-        chunk_bytes: bytes of input converted or moved to the device at a time.
+        chunk_bytes: bytes of input converted (cast, copied) or moved to the device at a
+            time; the numba kernel uses a C-contiguous float32 ``x`` of at most
+            :data:`NUMBA_COLUMNS` columns in place.
     """
 
     def __init__(self, matrix: sp.spmatrix, method: str = "auto", device: str = "auto", dtype=np.float32, chunk_bytes: int = CHUNK_BYTES):
@@ -174,9 +172,6 @@ class PreparedOperator:
                     check_invariants=False,  # built from a valid scipy CSR
                 )
 
-    def _columns_per_chunk(self, x: np.ndarray) -> int:
-        return max(1, self.chunk_bytes // max(1, 4 * x.shape[0]))
-
     def __call__(self, x: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
         """Apply to ``x (n_inputs, C)``; writes into ``out (n_outputs, C)`` (any layout) if given.
 
@@ -193,20 +188,26 @@ class PreparedOperator:
         if self.backend == "sparse":
             out[...] = self._matrix @ x
             return out
-        if self.backend == "numba" and x.dtype == np.float32 and x.flags.c_contiguous:
-            self._numba(x, out)
-            return out
-        step = self._columns_per_chunk(x)
-        for c0 in range(0, x.shape[1], step):
+        n_cols = x.shape[1]
+        by_bytes = max(1, self.chunk_bytes // max(1, 4 * x.shape[0]))
+        if self.backend == "torch":
+            step = by_bytes
+        elif x.dtype == np.float32 and x.flags.c_contiguous and n_cols <= NUMBA_COLUMNS:
+            step = n_cols  # used in place: no copy
+        else:
+            step = min(NUMBA_COLUMNS, by_bytes)
+        for c0 in range(0, n_cols, step):
             chunk = np.ascontiguousarray(x[:, c0 : c0 + step], dtype=np.float32)
-            if self.backend == "numba":
-                self._numba(chunk, out[:, c0 : c0 + step])
-            else:
-                out[:, c0 : c0 + step] = self._torch_apply(chunk)
+            target = out[:, c0 : c0 + step]
+            if self.backend == "torch":
+                target[...] = self._torch_apply(chunk)
+            elif target.flags.c_contiguous and target.dtype == self.dtype:
+                _run_kernel(self._indptr, self._indices, self._data, chunk, target)
+            else:  # a transposed or strided view, or wider accumulation than float32
+                result = np.empty(target.shape, dtype=self.dtype)
+                _run_kernel(self._indptr, self._indices, self._data, chunk, result)
+                target[...] = result
         return out
-
-    def _numba(self, x: np.ndarray, out: np.ndarray) -> None:
-        _run_kernel(self._indptr, self._indices, self._data, x, out)
 
     def _torch_apply(self, x: np.ndarray) -> np.ndarray:
         torch = self._torch
