@@ -158,7 +158,7 @@ def main() -> None:
     t0 = time.perf_counter()
     PreparedOperator(sp.identity(4, format="csr"), "numba", "cpu")(np.ones((4, 2), dtype=np.float32))
     print(f"cores: {psutil.cpu_count()} (numba threads {numba.get_num_threads()}, layer {numba.threading_layer()}); "
-          f"CUDA: {cuda_available()}; numba first call in this process (cache load): {time.perf_counter() - t0:.2f} s")
+          f"CUDA: {cuda_available()}; numba first call in this process (loads the cached kernel; compiles only without a cache): {time.perf_counter() - t0:.2f} s")
     if not args.skip_real:
         vol = open_volume(ME1)
         grid = template_grid("MNI152NLin6Asym", 2).crop_or_pad((96, 96, 96))
