@@ -187,7 +187,7 @@ def test_backend_dispatch(monkeypatch):
 
 
 @needs_cuda
-def test_cuda_matches_numba_bitwise_close(me1_frames):
+def test_cuda_matches_numba(me1_frames):
     affine = open_volume(ME1).affine
     a = resample_volume(me1_frames, affine, TARGET.shape, TARGET.affine, method="numba")
     b = resample_volume(me1_frames, affine, TARGET.shape, TARGET.affine, method="auto", device="auto")
@@ -223,3 +223,18 @@ def test_apply_operator_is_matrix_times_frames():
     matrix = sp.csr_matrix(np.array([[0.5, 0.5, 0.0], [0.0, 0.0, 2.0]]))
     frames = np.arange(6, dtype=np.float32).reshape(3, 2)  # synthetic: a known product
     np.testing.assert_array_equal(apply_operator(matrix, frames, "numba", "cpu"), [[1.0, 2.0], [8.0, 10.0]])
+
+
+def test_numba_weights_equal_the_numpy_weights_bitwise():
+    # real oblique geometry plus synthetic coordinates on the edges of the source grid
+    # (exactly 0 and n - 1, just outside, a 1-voxel-thick axis) where the clipping rules act
+    from fmri_data.resample import grid_indices, source_coordinates, trilinear_weights
+
+    coords = source_coordinates(OBLIQUE["rotated-las-aniso"], TARGET.affine, grid_indices(TARGET.shape))
+    edges = np.array([[0.0, 0.0, 0.0], [40.0, 51.0, 27.0], [40.0 + 1e-12, 3.0, 3.0], [-1e-12, 2.5, 1.0], [20.25, 51.0, 0.5]])
+    for shape, extra in (((41, 52, 28), edges), ((41, 52, 1), np.array([[3.5, 2.25, 0.0], [3.5, 2.25, 1e-9]]))):
+        c = np.vstack([coords, extra])
+        fast, slow = trilinear_weights(c, shape, "numba"), trilinear_weights(c, shape, "numpy")
+        np.testing.assert_array_equal(fast[0], slow[0])
+        np.testing.assert_array_equal(fast[1], slow[1])
+    assert fast[1][-2].sum() == 1.0 and fast[1][-1].sum() == 0.0  # on the single plane / off it
