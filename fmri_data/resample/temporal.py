@@ -87,7 +87,7 @@ def resample_tr(
     """
     _check(x, tr_in, tr_out, kind)
     if math.isclose(tr_in, tr_out, rel_tol=1e-9):
-        return np.asarray(x, dtype=np.float32)
+        return np.array(x, dtype=np.float32)  # a copy, as the resampled series would be
     if method == "reference":
         return resample_tr_reference(x, tr_in, tr_out, kind, antialias)
     series = np.asarray(x)
