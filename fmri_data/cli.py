@@ -70,6 +70,7 @@ def convert(
     output_option: list[str] = typer.Option([], "--output-option", help="fsspec option for a remote store, key=value."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Delete an existing store first."),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Show a progress bar."),
+    device: Optional[str] = typer.Option(None, "--device", help="Resampling on auto | cpu | cuda (recipe compute.device; auto = CUDA when present)."),
 ) -> None:
     """Convert a BIDS dataset into a Zarr v3 store; finished runs are skipped on a rerun."""
     from .convert import convert as run_convert
@@ -79,7 +80,7 @@ def convert(
             bids_root,
             output,
             recipe,
-            overrides=set_,
+            overrides=set_ + ([f"compute.device={device}"] if device else []),
             participant_label=participant_label or None,
             task=task or None,
             space=space or None,

@@ -106,6 +106,11 @@ class RunContext:
         self.sources.append({"path": original, "kind": kind, "space": space, "derivative": derivative, "sha256": digest})
 
 
+def resample_device(recipe: Recipe) -> str:
+    """Where resampling runs: recipe ``compute.device`` (``auto`` = CUDA when torch sees one)."""
+    return (recipe.get("compute") or {}).get("device") or "auto"
+
+
 def check_finite(block: np.ndarray, path: str, start: int, policy: str) -> np.ndarray:
     """Apply the recipe's ``inputs.nan_policy`` to a block of frames starting at frame ``start``."""
     finite = np.isfinite(block)

@@ -10,15 +10,17 @@ import numpy as np
 from ..derive.roi import cifti_parcel_operator, surface_parcel_operator
 from ..errors import InputError
 from ..read import open_cifti, open_gifti_series, resolve_tr
+from ..resample.operator import PreparedOperator
 from ..resample.temporal import resample_tr
 from ..store import RunWriter, roi_key
-from .context import BLOCK_BYTES, OPERATORS, RunContext, cached_atlas, check_finite, write_roi
+from .context import BLOCK_BYTES, OPERATORS, RunContext, cached_atlas, check_finite, resample_device, write_roi
 
 
 def cifti_outputs(ctx: RunContext, writer: RunWriter, atlas_rois: bool) -> dict[str, Any]:
     """Parcellated CIFTI -> ROI series directly; dense CIFTI -> atlas parcels (if ``atlas_rois``)."""
     spec, recipe = ctx.spec, ctx.recipe
     temporal = recipe["temporal"]
+    device = resample_device(recipe)
     attrs: dict[str, Any] = {}
     jobs = [(s, None) for s in spec.parcellated]
     if spec.cifti_dense is not None and atlas_rois and recipe["roi"]:
@@ -37,9 +39,9 @@ def cifti_outputs(ctx: RunContext, writer: RunWriter, atlas_rois: bool) -> dict[
         else:
             atlas = cached_atlas(atlas_name, ctx.atlas_dir)
             p = cifti_parcel_operator(atlas, cifti.brain_models, cifti.path)
-            data = np.asarray((p.matrix @ data.T).T, dtype=np.float32)
+            data = PreparedOperator(p.matrix, device=device, dtype=np.float64)(data.T).T
             key, labels, info, missing, n_vox = roi_key(atlas.name), atlas.labels, atlas.provenance(), p.missing, p.n_voxels
-        series = resample_tr(data, tr_in, tr_out, temporal["interpolation"], temporal["antialias"])
+        series = resample_tr(data, tr_in, tr_out, temporal["interpolation"], temporal["antialias"], device=device)
         write_roi(ctx, writer, key, series, labels, info, src.kind, missing, n_vox)
         new = dict(tr_s=tr_out, source_tr_s=tr_in, n_frames=series.shape[0], n_frames_source=cifti.n_frames)
         for k, v in new.items():
@@ -53,6 +55,7 @@ def gifti_outputs(ctx: RunContext, writer: RunWriter) -> dict[str, Any]:
     """GIFTI pair (left, right) on a template surface -> atlas parcel series."""
     spec, recipe = ctx.spec, ctx.recipe
     temporal = recipe["temporal"]
+    device = resample_device(recipe)
     left, right = spec.surface["L"], spec.surface["R"]
     series = {h: open_gifti_series(spec.surface[h].path) for h in ("L", "R")}
     if series["L"].n_frames != series["R"].n_frames:
@@ -71,13 +74,14 @@ def gifti_outputs(ctx: RunContext, writer: RunWriter) -> dict[str, Any]:
         key = ("surface-roi", atlas.name, ctx.atlas_dir, left.space, n_vertices["L"], n_vertices["R"])
         p = OPERATORS.get(key, lambda: surface_parcel_operator(atlas, left.space, n_vertices, left.path))
         out = np.empty((n_frames, p.matrix.shape[0]), dtype=np.float32)
+        apply = PreparedOperator(p.matrix, device=device, dtype=np.float64)
         step = max(1, BLOCK_BYTES // (4 * (n_vertices["L"] + n_vertices["R"])))
         for start in range(0, n_frames, step):
             stop = min(start + step, n_frames)
             block = np.vstack([series["L"].read(start, stop), series["R"].read(start, stop)])
             block = check_finite(block, left.path, start, recipe["inputs"]["nan_policy"])
-            out[start:stop] = (p.matrix @ block).T
-        out = resample_tr(out, tr_in, tr_out, temporal["interpolation"], temporal["antialias"])
+            apply(block, out=out[start:stop].T)
+        out = resample_tr(out, tr_in, tr_out, temporal["interpolation"], temporal["antialias"], device=device)
         write_roi(ctx, writer, roi_key(atlas.name), out, atlas.labels, atlas.provenance(), "gifti", p.missing, p.n_voxels)
         ctx.warnings.append(
             f"roi/{roi_key(atlas.name)}: volume atlas labels projected onto {left.space} white-to-pial surfaces"

@@ -11,10 +11,11 @@ from ..discover import NATIVE
 from ..errors import InputError
 from ..grids import Grid, template_grid
 from ..read import VolumeSeries, open_volume, read_image_3d, resolve_tr
+from ..resample.operator import PreparedOperator
 from ..resample.spatial import grid_indices, inside_source, resampling_matrix, source_coordinates
 from ..resample.temporal import n_output_frames, resample_tr
 from ..store import RunWriter, roi_key
-from .context import BLOCK_BYTES, RunContext, cached_atlas, cached_parcel_operator, check_finite, write_roi
+from .context import BLOCK_BYTES, RunContext, cached_atlas, cached_parcel_operator, check_finite, resample_device, write_roi
 
 
 def _target_grid(volume_cfg: dict[str, Any]) -> Grid:
@@ -89,16 +90,20 @@ def volume_outputs(ctx: RunContext, writer: RunWriter) -> dict[str, Any]:
     if src.space != NATIVE and atlases and any(c.space not in (None, src.space) for a in atlases for c in a.components):
         ctx.warnings.append(f"atlas space differs from the run's space {src.space}; parcels applied by world coordinates")
 
-    # One streaming pass: every block of source frames goes through every operator.
+    # One streaming pass: every block of source frames goes through every operator, each
+    # applied by the shared sparse kernel (numba on CPU, torch on CUDA; recipe compute.device).
+    device = resample_device(recipe)
     brain = np.empty((vol.n_frames, op.shape[0]), dtype=np.float32) if op is not None else None
     parcels = [np.empty((vol.n_frames, p.matrix.shape[0]), dtype=np.float32) for p in parcel_ops]
+    apply_brain = PreparedOperator(op, device=device) if op is not None else None
+    apply_parcels = [PreparedOperator(p.matrix, device=device, dtype=np.float64) for p in parcel_ops]
     policy = recipe["inputs"]["nan_policy"]
     for start, stop, block in vol.iter_frames(_frames_per_block(vol)):
         flat = check_finite(block, vol.path, start, policy).reshape(-1, stop - start)
-        if op is not None:
-            brain[start:stop] = (op @ flat).T
-        for out, p in zip(parcels, parcel_ops):
-            out[start:stop] = (p.matrix @ flat).T
+        if apply_brain is not None:
+            apply_brain(flat, out=brain[start:stop].T)
+        for out, apply in zip(parcels, apply_parcels):
+            apply(flat, out=out[start:stop].T)
 
     signal = [x for x in ([brain] if brain is not None else []) + parcels if x.size]
     if signal and not any(np.ptp(x, axis=0).max() > 0 for x in signal):
@@ -107,10 +112,10 @@ def volume_outputs(ctx: RunContext, writer: RunWriter) -> dict[str, Any]:
     temporal = recipe["temporal"]
     if op is not None:
         ctx.brain_source, ctx.mask, ctx.grid = brain, mask, grid
-        resampled = resample_tr(brain, tr_in, tr_out, temporal["interpolation"], temporal["antialias"])
+        resampled = resample_tr(brain, tr_in, tr_out, temporal["interpolation"], temporal["antialias"], device=device)
         attrs["volume"] = _write_volume(ctx, writer, resampled, mask, grid, mask_mode, src.space, volume_cfg)
     for atlas, p, series in zip(atlases, parcel_ops, parcels):
-        series = resample_tr(series, tr_in, tr_out, temporal["interpolation"], temporal["antialias"])
+        series = resample_tr(series, tr_in, tr_out, temporal["interpolation"], temporal["antialias"], device=device)
         write_roi(ctx, writer, roi_key(atlas.name), series, atlas.labels, atlas.provenance(), "volume", p.missing, p.n_voxels)
     attrs.update(tr_s=tr_out, source_tr_s=tr_in, n_frames=t_out, n_frames_source=vol.n_frames)
     return attrs

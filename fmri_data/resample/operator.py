@@ -1,0 +1,232 @@
+"""Sparse operator x dense frames: the one kernel behind spatial, temporal and parcel resampling.
+
+Every resampling step of conversion is linear and fixed over a run, so it is a sparse
+matrix ``M`` (CSR, rows = outputs) applied to a dense array ``x`` whose rows are the
+inputs and whose columns are independent series:
+
+- spatial interpolation: rows = target voxels (<= 8 non-zeros), ``x = (source voxels, frames)``;
+- parcel means: rows = parcels, ``x = (source voxels, frames)``;
+- TR resampling: rows = output frames, ``x = (source frames, voxels | vertices | parcels)``.
+
+Backends (``method``):
+
+- ``"numba"``: a CPU kernel compiled with ``parallel=True`` (rows split over threads,
+  the inner loop runs over contiguous columns) and ``cache=True`` (compiled once, then
+  loaded from numba's on-disk cache by each new process);
+- ``"torch"``: ``torch.sparse.mm`` on a CSR tensor (cuSPARSE on CUDA, used automatically
+  when a CUDA device is present unless ``device="cpu"``);
+- ``"sparse"`` / ``"reference"``: ``scipy.sparse`` ``M @ x``, the reference result.
+
+Columns are processed in chunks of bounded bytes, so a backend never holds more than one
+chunk of converted input (and, on a GPU, of input and output) besides the operator.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.util
+import threading
+import warnings
+
+import numba
+import numpy as np
+import scipy.sparse as sp
+
+METHODS = ("auto", "numba", "torch", "sparse", "reference")
+DEVICES = ("auto", "cpu", "cuda")
+
+#: Bytes of dense input converted (cast, copied or sent to the GPU) at a time.
+CHUNK_BYTES = 128 * 2**20
+
+#: Columns per numba call for wide inputs (TR resampling of many voxels): a row of the
+#: output chunk stays in cache while the operator's non-zeros of that row are summed.
+NUMBA_COLUMNS = 4096
+
+
+@numba.njit(parallel=True, cache=True, nogil=True, fastmath={"contract"})
+def _csr_times_dense(indptr, indices, data, x, out):  # pragma: no cover - compiled
+    """``out[r, :] = sum_k data[k] * x[indices[k], :]`` over ``k in indptr[r]:indptr[r+1]``.
+
+    Rows are split over threads; ``x`` and ``out`` are C-contiguous so that the inner loop
+    runs over contiguous columns (vectorized, fused multiply-add); accumulates in the
+    dtype of ``out``.
+    """
+    n_rows, n_cols = out.shape
+    for r in numba.prange(n_rows):
+        acc = out[r]
+        for c in range(n_cols):
+            acc[c] = 0.0
+        for k in range(indptr[r], indptr[r + 1]):
+            w = data[k]
+            row = x[indices[k]]
+            for c in range(n_cols):
+                acc[c] += w * row[c]
+
+
+_LAYER_LOCK = threading.Lock()
+_LAYER = {"threadsafe": False}
+
+
+def _run_kernel(indptr, indices, data, x, out) -> None:
+    """Run the numba kernel; serialized while the threading layer is not known to be thread-safe.
+
+    Conversion runs several runs in threads. numba picks TBB, then OpenMP, then its own
+    ``workqueue`` layer, and ``workqueue`` aborts the process when two threads enter a
+    parallel kernel together; so calls hold a lock until the first one has shown which
+    layer is in use, and keep holding it when that is ``workqueue``.
+    """
+    if _LAYER["threadsafe"]:
+        _csr_times_dense(indptr, indices, data, x, out)
+        return
+    with _LAYER_LOCK:
+        _csr_times_dense(indptr, indices, data, x, out)
+        _LAYER["threadsafe"] = numba.threading_layer() != "workqueue"
+
+
+@functools.lru_cache(maxsize=1)
+def cuda_available() -> bool:
+    """True when torch is installed and sees a CUDA device (torch is imported only here)."""
+    if importlib.util.find_spec("torch") is None:
+        return False
+    import torch
+
+    return bool(torch.cuda.is_available())
+
+
+def resolve_backend(method: str = "auto", device: str = "auto") -> tuple[str, str]:
+    """Backend and device for a request.
+
+    Args:
+        method: ``"auto"`` (torch on CUDA when available and ``device`` allows, else
+            numba), ``"numba"``, ``"torch"``, ``"sparse"`` or ``"reference"`` (both scipy).
+        device: ``"auto"``, ``"cpu"`` or ``"cuda"`` (``"cuda:N"`` accepted).
+
+    Returns:
+        ``(backend, device)`` with backend in ``numba | torch | sparse`` and device
+        ``cpu`` or a CUDA device name.
+
+    Raises:
+        ValueError: unknown method or device, CUDA requested but not available, or a
+            CPU-only method asked to run on CUDA.
+    """
+    if method not in METHODS:
+        raise ValueError(f"unknown resampling method {method!r}; use one of {', '.join(METHODS)}")
+    if device.split(":")[0] not in DEVICES:
+        raise ValueError(f"unknown device {device!r}; use auto, cpu or cuda")
+    wants_cuda = device.startswith("cuda")
+    if wants_cuda and not cuda_available():
+        raise ValueError(f"device {device!r} requested but torch sees no CUDA device")
+    if method in ("sparse", "reference", "numba"):
+        if wants_cuda:
+            raise ValueError(f"method {method!r} runs on the CPU only; use method 'torch' or 'auto' for {device}")
+        return ("sparse" if method == "reference" else method), "cpu"
+    on_gpu = wants_cuda or (device == "auto" and cuda_available())
+    if method == "auto" and not on_gpu:
+        return "numba", "cpu"
+    return "torch", (device if wants_cuda else "cuda") if on_gpu else "cpu"
+
+
+class PreparedOperator:
+    """A CSR operator made ready for repeated application by one backend.
+
+    Calling it maps ``x (n_inputs, C)`` (any real dtype; rows = operator columns, columns
+    = independent series such as frames or voxels) to ``(n_outputs, C)`` float32.
+
+    Args:
+        matrix: ``(n_outputs, n_inputs)`` scipy sparse matrix.
+        method, device: see :func:`resolve_backend`.
+        dtype: dtype of the weights and of the accumulation (float32 is enough for
+            interpolation with <= 8 terms; float64 for long sums such as parcel means).
+        chunk_bytes: bytes of input converted (cast, copied) or moved to the device at a
+            time; the numba kernel uses a C-contiguous float32 ``x`` of at most
+            :data:`NUMBA_COLUMNS` columns in place.
+    """
+
+    def __init__(self, matrix: sp.spmatrix, method: str = "auto", device: str = "auto", dtype=np.float32, chunk_bytes: int = CHUNK_BYTES):
+        self.backend, self.device = resolve_backend(method, device)
+        csr = sp.csr_matrix(matrix)
+        csr.sort_indices()
+        self.shape = csr.shape
+        self.chunk_bytes = int(chunk_bytes)
+        self.dtype = np.dtype(dtype)
+        if self.backend == "sparse":
+            self._matrix = csr.astype(np.float64)
+        elif self.backend == "numba":
+            self._indptr = csr.indptr.astype(np.int64)
+            self._indices = csr.indices.astype(np.int64)
+            self._data = csr.data.astype(self.dtype)
+        else:
+            import torch
+
+            self._torch = torch
+            tdtype = torch.float64 if self.dtype == np.float64 else torch.float32
+            with warnings.catch_warnings():
+                warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
+                self._matrix = torch.sparse_csr_tensor(
+                    torch.from_numpy(csr.indptr.astype(np.int64)),
+                    torch.from_numpy(csr.indices.astype(np.int64)),
+                    torch.from_numpy(csr.data.astype(self.dtype)),
+                    size=csr.shape,
+                    dtype=tdtype,
+                    device=self.device,
+                    check_invariants=False,  # built from a valid scipy CSR
+                )
+
+    def __call__(self, x: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+        """Apply to ``x (n_inputs, C)``; writes into ``out (n_outputs, C)`` (any layout) if given.
+
+        Raises:
+            ValueError: ``x`` or ``out`` has the wrong shape.
+        """
+        x = np.asarray(x)
+        if x.ndim != 2 or x.shape[0] != self.shape[1]:
+            raise ValueError(f"operator takes ({self.shape[1]}, C) input, got {x.shape}")
+        if out is None:
+            out = np.empty((self.shape[0], x.shape[1]), dtype=np.float32)
+        elif out.shape != (self.shape[0], x.shape[1]):
+            raise ValueError(f"output must be {(self.shape[0], x.shape[1])}, got {out.shape}")
+        if self.backend == "sparse":
+            out[...] = self._matrix @ x
+            return out
+        n_cols = x.shape[1]
+        by_bytes = max(1, self.chunk_bytes // max(1, 4 * x.shape[0]))
+        if self.backend == "torch":
+            step = by_bytes
+        elif x.dtype == np.float32 and x.flags.c_contiguous and n_cols <= NUMBA_COLUMNS:
+            step = n_cols  # used in place: no copy
+        else:
+            step = min(NUMBA_COLUMNS, by_bytes)
+        for c0 in range(0, n_cols, step):
+            chunk = np.ascontiguousarray(x[:, c0 : c0 + step], dtype=np.float32)
+            target = out[:, c0 : c0 + step]
+            if self.backend == "torch":
+                target[...] = self._torch_apply(chunk)
+            elif target.flags.c_contiguous and target.dtype == self.dtype:
+                _run_kernel(self._indptr, self._indices, self._data, chunk, target)
+            else:  # a transposed or strided view, or wider accumulation than float32
+                result = np.empty(target.shape, dtype=self.dtype)
+                _run_kernel(self._indptr, self._indices, self._data, chunk, result)
+                target[...] = result
+        return out
+
+    def _torch_apply(self, x: np.ndarray) -> np.ndarray:
+        torch = self._torch
+        dense = torch.from_numpy(x).to(device=self.device, dtype=self._matrix.dtype)
+        with torch.no_grad():
+            result = torch.sparse.mm(self._matrix, dense)
+        return result.to(dtype=torch.float32).cpu().numpy()
+
+
+def apply_operator(matrix: sp.spmatrix, x: np.ndarray, method: str = "auto", device: str = "auto", dtype=np.float32) -> np.ndarray:
+    """``matrix @ x`` as float32 with the chosen backend (see :class:`PreparedOperator`).
+
+    Args:
+        matrix: ``(n_outputs, n_inputs)`` scipy sparse matrix.
+        x: ``(n_inputs, C)`` dense input.
+        method, device: see :func:`resolve_backend`.
+        dtype: weight / accumulation dtype.
+
+    Returns:
+        ``(n_outputs, C)`` float32.
+    """
+    return PreparedOperator(matrix, method, device, dtype)(x)
