@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Iterable, Iterator
@@ -65,10 +66,11 @@ class WindowReader:
         self._arrays: dict[int, Any] = {}
         self._missing: dict[int, dict[int, str]] = {}
         self._masks: dict[int, np.ndarray | None] = {}
+        self._lock = threading.Lock()  # read-ahead threads open runs concurrently
 
     def __getstate__(self) -> dict[str, Any]:
         state = dict(self.__dict__)
-        for key in ("_pid", "_store", "_arrays", "_missing", "_masks"):
+        for key in ("_pid", "_store", "_arrays", "_missing", "_masks", "_lock"):
             state.pop(key, None)
         return state
 
@@ -87,10 +89,12 @@ class WindowReader:
 
     def _array(self, r: int):
         store = self.store()
-        if r not in self._arrays:
-            entry = self.index.runs[r]
-            self._arrays[r] = store.run(entry.run_id)[entry.array]
-            self._missing[r] = self._missing_shards(store, entry, self._arrays[r])
+        with self._lock:
+            if r not in self._arrays:
+                entry = self.index.runs[r]
+                array = store.run(entry.run_id)[entry.array]
+                self._missing[r] = self._missing_shards(store, entry, array)
+                self._arrays[r] = array
         return self._arrays[r]
 
     @staticmethod
@@ -114,10 +118,11 @@ class WindowReader:
         """The run's mask array (``mask`` argument), read once per process; None without one."""
         if self.mask_name is None:
             return None
-        self.store()
-        if r not in self._masks:
-            entry = self.index.runs[r]
-            self._masks[r] = np.asarray(self._store.run(entry.run_id)[self.mask_name][...])
+        store = self.store()
+        with self._lock:
+            if r not in self._masks:
+                entry = self.index.runs[r]
+                self._masks[r] = np.asarray(store.run(entry.run_id)[self.mask_name][...])
         return self._masks[r]
 
     # ------------------------------------------------------------------ reading
