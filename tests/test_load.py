@@ -113,6 +113,7 @@ def _order_of(loader) -> list[int]:
     return [int(i) for batch in loader for i in batch["index"]]
 
 
+@pytest.mark.filterwarnings("ignore:This DataLoader will create")
 def test_resume_mid_epoch_gives_the_uninterrupted_sequence(real_store):
     index = build_index(real_store, length=16, stride=8, array=ROI)
     assert len(index) > 100 and "sub-hcp1_task-rest" in index.dropped  # HCP has only its own parcellation
@@ -149,6 +150,7 @@ def test_resume_mid_epoch_gives_the_uninterrupted_sequence(real_store):
     assert sum(part, []) + [i for b in again for i in b["index"].tolist()] == uninterrupted[: len(index)]
 
 
+@pytest.mark.filterwarnings("ignore:This DataLoader will create")
 def test_two_ranks_three_workers_read_every_window_once_in_the_global_order(real_store):
     index = build_index(real_store, length=20, stride=10, array=ROI)
     n = len(index)
