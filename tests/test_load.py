@@ -296,3 +296,17 @@ def test_pinned_batches_and_normalization_on_the_gpu(real_store):  # pragma: no 
     off = ds.to_device(batch, "cpu", normalize=True, clamp=5.0)
     assert on["data"].is_cuda
     torch.testing.assert_close(on["data"].cpu(), off["data"], atol=1e-4, rtol=1e-4)
+
+
+def test_cli_windows_counts_event_locked_windows(real_store):
+    from typer.testing import CliRunner
+
+    from fmri_data.cli import app
+
+    result = CliRunner().invoke(app, ["windows", real_store, "--length", "4", "--array", ROI, "--source", "events", "--label", "trial_type"])
+    assert result.exit_code == 0, result.output
+    assert "96 windows of 4 frames (events) in 12 runs" in result.output and "face=12" in result.output
+    assert "sub-me1_task-visual: no events" in result.output
+    bad = CliRunner().invoke(app, ["windows", real_store, "--length", "4", "--source", "saliency"])
+    assert bad.exit_code == 2 and "needs a scorer" in bad.output
+

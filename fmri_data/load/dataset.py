@@ -237,8 +237,9 @@ class WindowDataset(_Windows, IterableDataset):
         self.batch_size, self.seed, self.shuffle, self.mix = int(batch_size), int(seed), bool(shuffle), int(mix)
         self.rank, self.world_size, self.drop_last = int(rank), int(world_size), bool(drop_last)
         self.prefetch, self.pin_memory = int(prefetch), bool(pin_memory)
-        rank_positions(len(index), self.world_size, self.rank, self.batch_size)  # checks the arguments
-        epoch_order(index.blocks()[:1], self.seed, 0, mix=self.mix)
+        rank_positions(len(index), self.world_size, self.rank, self.batch_size)  # checks rank, world size, batch size
+        if self.seed < 0 or self.mix < 1 or self.prefetch < 0:
+            raise ValueError(f"need seed >= 0, mix >= 1, prefetch >= 0 (got {seed}, {mix}, {prefetch})")
         self._blocks = index.blocks()
         self._position = torch.zeros(2, dtype=torch.int64).share_memory_()  # [epoch, windows consumed]
         self._managed = False  # True when a WindowLoader counts consumption
@@ -304,7 +305,8 @@ class WindowDataset(_Windows, IterableDataset):
         for batch in self._batches(mine, pinned):
             if counting:
                 self._advance(batch["span"], False)
-            yield batch
+            if len(batch["index"]) or self._managed:  # a WindowLoader counts, then drops, empty batches
+                yield batch
         if counting:
             self._advance(0, True)
 
@@ -404,7 +406,8 @@ class WindowLoader:
     def __iter__(self) -> Iterator[dict[str, Any]]:
         for batch in self.loader:
             self.dataset._advance(batch["span"], False)
-            yield batch
+            if len(batch["index"]):  # empty when every window of the batch was skipped (on_error="skip")
+                yield batch
         self.dataset._advance(0, True)
 
     def set_epoch(self, epoch: int) -> None:

@@ -300,7 +300,10 @@ def build_index(
             starts = all_starts[topk][order]
             rows = [{"saliency_rank": int(rank)} for rank in order]
         else:
-            starts, rows, n_out = event_starts(attrs.get("events") or [], tr_s, n_frames, length, hrf_delay_s)
+            if not attrs.get("events"):
+                dropped[run_id] = "no events"
+                continue
+            starts, rows, n_out = event_starts(attrs["events"], tr_s, n_frames, length, hrf_delay_s)
             if n_out:
                 dropped[run_id] = f"{n_out} event(s) without a full window of {length} frames after the onset + {hrf_delay_s} s"
         if not len(starts):
