@@ -310,3 +310,21 @@ def test_cli_windows_counts_event_locked_windows(real_store):
     bad = CliRunner().invoke(app, ["windows", real_store, "--length", "4", "--source", "saliency"])
     assert bad.exit_code == 2 and "needs a scorer" in bad.output
 
+
+
+def test_memory_filesystem_store_gives_the_local_windows(real_store, tmp_path):
+    import fsspec
+
+    runs = [HAXBY_RUN.format(1), "sub-hcp1_task-rest"]
+    local = _roi_copy(real_store, tmp_path / "mem-src.zarr", runs)
+    fs = fsspec.filesystem("memory")
+    fs.put(local, "/loader-test.zarr", recursive=True)
+    try:
+        for array in (ROI, "roi/Schaefer400x17subcortex19"):
+            a = build_index("memory://loader-test.zarr", 16, 16, array=array)
+            b = build_index(local, 16, 16, array=array)
+            assert len(a) > 0 and a.fingerprint() == b.fingerprint()
+            for x, y in zip(WindowDataset(a, batch_size=3, seed=2), WindowDataset(b, batch_size=3, seed=2)):
+                assert torch.equal(x["data"], y["data"]) and x["run_id"] == y["run_id"]
+    finally:
+        fs.rm("/loader-test.zarr", recursive=True)
