@@ -184,7 +184,6 @@ def main() -> None:
         print(f"store: {args.runs} runs x {args.frames} frames (bold 96^3 and flat 224x560, float16), written in {time.perf_counter() - t0:.0f} s;"
               f" {os.cpu_count()} CPUs, page cache {'warm' if args.warm else 'dropped before each read'}")
         cases = [("volume 96^3 x 20", "bold", 20, "neurostorm", True), ("flat 224x560 x 16", "flat", 16, "flat", False)]
-        rows = []
         for name, array, length, layout, volume in cases:
             index = build_index(store, length, length, array=array)
             files = array_files(store, array)
@@ -207,7 +206,6 @@ def main() -> None:
                 store_mb_s = store_bytes * n / len(index) / sec / 1e6
                 print(f"  {workers:>7}  {rate:>12.1f} {rate * window_bytes / 1e6:>9.0f} {store_mb_s:>10.0f} {store_mb_s / raw_mb_s:>6.0%}"
                       f"   {base_rate:>15.1f} {rate / base_rate:>7.1f}x")
-                rows.append((name, workers, rate, store_mb_s / raw_mb_s, rate / base_rate))
         print("\ntargets: store MB/s >= 80% of the raw read, windows/s >= 3x the one-torch.load-per-frame baseline")
 
 

@@ -19,6 +19,7 @@ from fmri_data.load import (
     layout, normalize_frames, rank_positions, sliding_starts, split_of, worker_positions,
 )
 from fmri_data.load.index import split_key
+from fmri_data.errors import StoreError
 from fmri_data.store import Store
 
 ROI = "roi/schaefer400_7n"  # the default recipe's atlas: every volume and surface run has it
@@ -248,7 +249,7 @@ def test_only_top_k_saliency_windows(real_store, tmp_path):
         ranks = [index.labels(i)["saliency_rank"] for i in range(len(index)) if index.run_id(i) == run_id]
         assert [int(top[r]) for r in ranks] == got
     assert {r.array for r in index.runs} == {ROI, "roi/Schaefer400x17subcortex19"}
-    with pytest.raises(Exception, match="windows of 16 frames, not 20"):
+    with pytest.raises(StoreError, match="windows of 16 frames, not 20"):
         build_index(url, length=20, array="roi", source="saliency", scorer="dvars")
 
 

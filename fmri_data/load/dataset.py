@@ -32,6 +32,7 @@ with optional frame-wise z-scoring and clamping.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator
 
@@ -138,6 +139,15 @@ def _encode_targets(codec: dict[str, dict[Any, int] | None], labels: list[dict[s
     return out
 
 
+def _shared_empty(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+    """An uninitialised tensor allocated in shared memory (a worker hands it over without a copy)."""
+    try:
+        storage = torch.UntypedStorage._new_shared(math.prod(shape) * dtype.itemsize)
+        return torch.empty(0, dtype=dtype).set_(storage, 0, shape)
+    except (AttributeError, RuntimeError, TypeError):  # private API: fall back to a copy into shared memory
+        return torch.empty(shape, dtype=dtype).share_memory_()
+
+
 class _Windows:
     """What both datasets share: the index, a reader, the layout, label encoding."""
 
@@ -157,8 +167,9 @@ class _Windows:
         shape = (n, self.index.length, *self.frame_shape)
         if pinned:
             return torch.empty(shape, dtype=self.dtype, pin_memory=True)
-        buf = torch.empty(shape, dtype=self.dtype)
-        return buf.share_memory_() if get_worker_info() is not None else buf
+        if get_worker_info() is None:
+            return torch.empty(shape, dtype=self.dtype)
+        return _shared_empty(shape, self.dtype)
 
     def _batch(self, buf: torch.Tensor, ids: list[int], ok: list[bool]) -> dict[str, Any]:
         if not all(ok):
