@@ -304,6 +304,8 @@ def build_index(
                 dropped[run_id] = "no events"
                 continue
             starts, rows, n_out = event_starts(attrs["events"], tr_s, n_frames, length, hrf_delay_s)
+            order = np.argsort(starts, kind="stable")  # start order: windows of one shard stay together
+            starts, rows = starts[order], [rows[k] for k in order]
             if n_out:
                 dropped[run_id] = f"{n_out} event(s) without a full window of {length} frames after the onset + {hrf_delay_s} s"
         if not len(starts):
