@@ -1,4 +1,4 @@
-"""Command line: ``fmri-data convert | inspect | validate | recipes | saliency``."""
+"""Command line: ``fmri-data convert | inspect | validate | recipes | saliency | windows``."""
 
 from __future__ import annotations
 
@@ -198,6 +198,7 @@ def recipes() -> None:
 from .cli_saliency import app as _saliency_app  # noqa: E402
 
 app.add_typer(_saliency_app, name="saliency")
+app.command()(__import__("fmri_data.cli_load", fromlist=["windows"]).windows)
 
 
 def main() -> None:  # pragma: no cover - entry point

@@ -128,10 +128,26 @@ def test_round_trip_through_s3(s3, real_store, atlas_dir):
     assert sources[0]["path"].startswith("s3://bids/ds/derivatives/")
     assert not validate_store("s3://stores/out.zarr", s3, deep=True)
     assert_same_runs(real_store, "s3://stores/out.zarr", store.run_ids(), options=s3)
+    _loader_reads_the_same_windows_from_s3(s3, real_store, store.run_ids())
     assert not fs.find("stores/out.zarr/_claims") and not [p for p in fs.find("stores/out.zarr/_staging") if not p.endswith("zarr.json")]
     # a second run resumes: nothing to do
     again = convert("s3://bids/ds", "s3://stores/out.zarr", atlas_dir=atlas_dir, progress=False, storage_options=s3, input_options=s3)
     assert {r.status for r in again.results} == {"exists"}
+
+
+def _loader_reads_the_same_windows_from_s3(s3, real_store, run_ids):
+    """The loader (2 DataLoader workers, store opened inside each) reads from S3 exactly the
+    windows of the local store."""
+    from fmri_data.load import WindowDataset, WindowLoader, build_index
+
+    for array in ("bold", "roi/Schaefer400x17subcortex19"):
+        remote = build_index("s3://stores/out.zarr", 20, 50, array=array, storage_options=s3)
+        local = build_index(real_store, 20, 50, array=array, run_ids=run_ids)
+        assert len(remote) > 0 and remote.fingerprint() == local.fingerprint()
+        got = [WindowLoader(WindowDataset(ix, batch_size=2, seed=1), num_workers=n) for ix, n in ((remote, 2), (local, 0))]
+        for a, b in zip(*got):
+            assert a["index"].tolist() == b["index"].tolist() and a["run_id"] == b["run_id"]
+            np.testing.assert_array_equal(a["data"].numpy(), b["data"].numpy())
 
 
 def test_missing_remote_file_names_the_url(s3, atlas_dir):

@@ -1,0 +1,213 @@
+"""Loader throughput: 96^3 x 20 volume windows and 16-frame flat-map windows, 0/2/4 workers,
+against (a) a raw sequential read of the same store files and (b) a NeuroSTORM-style
+baseline of one ``torch.load`` per frame file.
+
+Input: a store written here through the real store writer (``fmri_data.store``, the
+default recipe's layout: float16, chunks of 20 frames, shards of 5 chunks, zstd level 3 +
+CRC-32C) with synthetic values: a brain-shaped ellipsoid of smooth signal plus noise,
+0 outside (volumes, ``bold (T, 96, 96, 96)``), and a flat map of the same kind
+(``flat (T, 224, 560)`` + ``flat_mask``). Runs are read as training would read them: one
+epoch of shuffled windows in batches of 4 (``WindowDataset`` + ``WindowLoader``).
+
+- raw read ("the physical limit"): every shard file of the windowed array read
+  sequentially in 4 MiB blocks, nothing decoded; MB/s of file bytes.
+- baseline ("NeuroSTORM-style", written here): every frame saved as its own ``.pt`` file
+  (``torch.save`` of the float16 frame, as NeuroSTORM's preprocessing writes them); a
+  map-style dataset loads the window's frames with one ``torch.load`` each and stacks
+  them; same DataLoader, batch size and worker count.
+
+Each side runs two epochs with persistent workers and is timed on the second (steady
+state, as in training). By default the page cache of every file is dropped before each
+timed read (``fsync`` + ``posix_fadvise(DONTNEED)``), so every side reads from disk;
+``--warm`` keeps it.
+Prints samples/s, MB/s of decoded windows (what reaches the GPU) and MB/s of store bytes
+read, and the ratios against both baselines (targets: store bytes >= 80 % of the raw read,
+samples/s >= 3x the per-frame baseline).
+
+    python benchmarks/bench_loader.py --runs 2 --frames 200
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from fmri_data.load import WindowDataset, WindowLoader, build_index  # noqa: E402
+from fmri_data.recipe import load_recipe, recipe_hash  # noqa: E402
+from fmri_data.store import Store  # noqa: E402
+
+BATCH = 4
+
+
+def _smooth_frames(rng, shape, mask, frames, start):
+    """Frames ``[start, start + n)`` of a synthetic series: a fixed spatial pattern inside
+    ``mask``, a slow sine per voxel, noise; float16, 0 outside the mask."""
+    base = rng.standard_normal(shape).astype(np.float32)
+    out = np.zeros((frames, *shape), dtype=np.float16)
+    for t in range(frames):
+        value = base * np.sin(0.1 * (start + t)) + 0.3 * rng.standard_normal(shape).astype(np.float32)
+        out[t] = np.where(mask, value, 0)
+    return out
+
+
+def make_store(path: Path, runs: int, frames: int) -> str:
+    recipe = load_recipe("default")
+    store = Store.create(str(path), recipe, recipe_hash(recipe))
+    compression = recipe["store"]["compression"]
+    ijk = np.indices((96, 96, 96)).reshape(3, -1).T
+    brain = ((((ijk - 48) / np.array([36, 44, 34])) ** 2).sum(axis=1) <= 1.0).reshape(96, 96, 96)
+    yy, xx = np.mgrid[0:224, 0:560]
+    flat_mask = ((((yy - 112) / 100) ** 2 + ((xx % 280 - 140) / 130) ** 2) <= 1.0)
+    for r in range(runs):
+        run_id = f"sub-{r:02d}_task-rest"
+        writer = store.begin_run(run_id)
+        rng = np.random.default_rng(r)
+        writer.write_series("bold", frames, (96, 96, 96), "float16", 20, 5, compression,
+                            lambda a, b: _smooth_frames(rng, (96, 96, 96), brain, b - a, a), dimension_names=("time", "x", "y", "z"))
+        writer.write_array("brain_mask", brain, compression)
+        writer.write_series("flat", frames, (224, 560), "float16", 16, 5, compression,
+                            lambda a, b: _smooth_frames(rng, (224, 560), flat_mask, b - a, a), dimension_names=("time", "y", "x"))
+        writer.write_array("flat_mask", flat_mask, compression)
+        writer.commit({
+            "run_id": run_id, "entities": {"sub": f"{r:02d}", "task": "rest"}, "tr_s": 0.8, "source_tr_s": 0.8,
+            "n_frames": frames, "n_frames_source": frames, "recipe_hash": recipe_hash(recipe), "warnings": [],
+            "sources": [{"path": "synthetic", "kind": "volume", "space": None, "derivative": True, "sha256": "0" * 64}],
+            "software": {"fmri_data": "bench"}, "created": "bench",
+        })
+    return str(path)
+
+
+def array_files(store: str, array: str) -> list[Path]:
+    return sorted(p for p in Path(store, "runs").glob(f"*/{array}/c/**/*") if p.is_file())
+
+
+def drop_cache(files) -> None:
+    for f in files:
+        fd = os.open(f, os.O_RDONLY)
+        try:
+            os.fsync(fd)  # dirty pages cannot be dropped
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
+
+
+def raw_read(files) -> tuple[float, int]:
+    """Seconds and bytes to read ``files`` sequentially, 4 MiB at a time."""
+    buf = bytearray(4 << 20)
+    view = memoryview(buf)
+    total = 0
+    t0 = time.perf_counter()
+    for f in files:
+        with open(f, "rb", buffering=0) as fh:
+            while n := fh.readinto(view):
+                total += n
+    return time.perf_counter() - t0, total
+
+
+class FrameFiles(torch.utils.data.Dataset):
+    """NeuroSTORM-style: one ``.pt`` file per frame; a window = ``torch.load`` of each frame, stacked."""
+
+    def __init__(self, windows: list[tuple[Path, int]], length: int, volume: bool):
+        self.windows, self.length, self.volume = windows, length, volume
+
+    def __len__(self):
+        return len(self.windows)
+
+    def __getitem__(self, i):
+        folder, start = self.windows[i]
+        frames = [torch.load(folder / f"frame_{t}.pt") for t in range(start, start + self.length)]
+        return torch.stack(frames, dim=-1).unsqueeze(0) if self.volume else torch.stack(frames).unsqueeze(0)
+
+
+def write_frame_files(store: str, array: str, root: Path) -> dict[str, Path]:
+    s = Store.open(store)
+    out = {}
+    for run_id in s.run_ids():
+        folder = root / array / run_id
+        folder.mkdir(parents=True)
+        values = s.run(run_id)[array]
+        for a in range(0, values.shape[0], 100):
+            block = torch.from_numpy(values[a:a + 100])
+            for t in range(block.shape[0]):
+                torch.save(block[t].clone(), folder / f"frame_{a + t}.pt")
+        out[run_id] = folder
+    return out
+
+
+def _timed_epoch(loader, files, warm: bool, size) -> tuple[float, int]:
+    """Seconds and windows of the second epoch (the first starts the persistent workers)."""
+    for _ in loader:
+        pass
+    if not warm:
+        drop_cache(files)
+    t0 = time.perf_counter()
+    n = sum(size(batch) for batch in loader)
+    return time.perf_counter() - t0, n
+
+
+def measure_loader(index, layout: str, workers: int, files, warm: bool) -> tuple[float, int]:
+    ds = WindowDataset(index, batch_size=BATCH, seed=0, layout=layout, prefetch=4)
+    loader = WindowLoader(ds, num_workers=workers, persistent_workers=True, pin_memory=False)
+    return _timed_epoch(loader, files, warm, lambda b: int(b["data"].shape[0]))
+
+
+def measure_baseline(windows, length, volume, workers, files, warm) -> tuple[float, int]:
+    loader = torch.utils.data.DataLoader(FrameFiles(windows, length, volume), batch_size=BATCH, shuffle=True,
+                                         num_workers=workers, persistent_workers=workers > 0,
+                                         generator=torch.Generator().manual_seed(0))
+    return _timed_epoch(loader, files, warm, lambda b: int(b.shape[0]))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--runs", type=int, default=2, help="runs in the synthetic store")
+    parser.add_argument("--frames", type=int, default=200, help="frames per run")
+    parser.add_argument("--workers", type=int, nargs="+", default=[0, 2, 4])
+    parser.add_argument("--warm", action="store_true", help="keep the page cache (default: drop it before each read)")
+    parser.add_argument("--dir", default=None, help="scratch folder (default: a temporary one)")
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    with tempfile.TemporaryDirectory(dir=args.dir) as tmp:
+        tmp = Path(tmp)
+        t0 = time.perf_counter()
+        store = make_store(tmp / "bench.zarr", args.runs, args.frames)
+        print(f"store: {args.runs} runs x {args.frames} frames (bold 96^3 and flat 224x560, float16), written in {time.perf_counter() - t0:.0f} s;"
+              f" {os.cpu_count()} CPUs, page cache {'warm' if args.warm else 'dropped before each read'}")
+        cases = [("volume 96^3 x 20", "bold", 20, "neurostorm", True), ("flat 224x560 x 16", "flat", 16, "flat", False)]
+        for name, array, length, layout, volume in cases:
+            index = build_index(store, length, length, array=array)
+            files = array_files(store, array)
+            store_bytes = sum(f.stat().st_size for f in files)
+            window_bytes = index.length * int(np.prod(index.runs[0].frame_shape)) * 2
+            if not args.warm:
+                drop_cache(files)
+            raw_s, raw_bytes = raw_read(files)
+            raw_mb_s = raw_bytes / raw_s / 1e6
+            frame_dirs = write_frame_files(store, array, tmp / "frames")
+            frame_files = [p for d in frame_dirs.values() for p in d.iterdir()]
+            windows = [(frame_dirs[index.run_id(i)], int(index.start[i])) for i in range(len(index))]
+            print(f"\n{name}: {len(index)} windows of {window_bytes / 1e6:.1f} MB; store files {store_bytes / 1e6:.0f} MB "
+                  f"(compression {len(index) * window_bytes / store_bytes:.2f}x); raw sequential read {raw_mb_s:.0f} MB/s")
+            print(f"  {'workers':>7}  {'loader win/s':>12} {'MB/s out':>9} {'store MB/s':>10} {'vs raw':>7}   {'per-frame win/s':>15} {'speed-up':>8}")
+            for workers in args.workers:
+                sec, n = measure_loader(index, layout, workers, files, args.warm)
+                base_sec, base_n = measure_baseline(windows, length, volume, workers, frame_files, args.warm)
+                rate, base_rate = n / sec, base_n / base_sec
+                store_mb_s = store_bytes * n / len(index) / sec / 1e6
+                print(f"  {workers:>7}  {rate:>12.1f} {rate * window_bytes / 1e6:>9.0f} {store_mb_s:>10.0f} {store_mb_s / raw_mb_s:>6.0%}"
+                      f"   {base_rate:>15.1f} {rate / base_rate:>7.1f}x")
+        print("\ntargets: store MB/s >= 80% of the raw read, windows/s >= 3x the one-torch.load-per-frame baseline")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,214 @@
+"""Read windows from a store: lazy and fork-safe, integrity-checked, with bounded read-ahead.
+
+A :class:`WindowReader` holds only the index (plain arrays) until it reads: the store is
+opened on the first read in each process (and again after a ``fork``), so a reader can be
+pickled into DataLoader workers. Before reading a window it checks that the shard files
+the window needs exist (Zarr reads a missing shard as fill values, silently); a chunk
+that fails its CRC-32C (or cannot be decoded) is located by re-reading chunk by chunk.
+Either raises :class:`ChunkError` naming the run, the array, the chunk (frames) and the
+shard file, or, with ``on_error="skip"``, logs that message and skips the window.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, Iterable, Iterator
+
+import numpy as np
+
+from ..errors import FmriDataError
+from ..store import RUNS, Store
+from .index import WindowIndex
+
+log = logging.getLogger("fmri_data.load")
+ON_ERROR = ("raise", "skip")
+
+
+class ChunkError(FmriDataError):
+    """A chunk of a window is missing or corrupt.
+
+    Attributes: ``run_id``, ``array``, ``frames`` (``(start, stop)`` of the chunk),
+    ``shard`` (the shard file, relative to the store), ``cause``.
+    """
+
+    def __init__(self, url: str, run_id: str, array: str, frames: tuple[int, int], shard: str, cause: str):
+        self.run_id, self.array, self.frames, self.shard, self.cause = run_id, array, frames, shard, cause
+        super().__init__(
+            f"{url}/{RUNS}/{run_id}/{array}: chunk of frames [{frames[0]}, {frames[1]}) in shard {shard}: {cause}"
+        )
+
+
+class WindowReader:
+    """Reads window ``i`` of an index as a ``(L, *frame_shape)`` array of the stored dtype.
+
+    Args:
+        index: the windows (:func:`build_index`).
+        on_error: ``"raise"`` (default) a :class:`ChunkError`, or ``"skip"``: log it at
+            WARNING on logger ``fmri_data.load`` and return None.
+        mask: an array of each run to read once and return with its windows
+            (``"flat_mask"``, ``"brain_mask"``), or None.
+    """
+
+    def __init__(self, index: WindowIndex, on_error: str = "raise", mask: str | None = None):
+        if on_error not in ON_ERROR:
+            raise ValueError(f"on_error must be one of {ON_ERROR}, not '{on_error}'")
+        self.index, self.on_error, self.mask_name = index, on_error, mask
+        self.skipped: list[str] = []
+        self._reset()
+
+    def _reset(self) -> None:
+        self._pid = None
+        self._store: Store | None = None
+        self._arrays: dict[int, Any] = {}
+        self._missing: dict[int, dict[int, str]] = {}
+        self._masks: dict[int, np.ndarray | None] = {}
+        self._lock = threading.Lock()  # read-ahead threads open runs concurrently
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = dict(self.__dict__)
+        for key in ("_pid", "_store", "_arrays", "_missing", "_masks", "_lock"):
+            state.pop(key, None)
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._reset()
+
+    # ------------------------------------------------------------------ opening
+    def store(self) -> Store:
+        """The store, opened in this process (reopened after a fork)."""
+        if self._pid != os.getpid():
+            self._reset()
+            self._store = Store.open(self.index.url, self.index.storage_options)
+            self._pid = os.getpid()
+        return self._store
+
+    def _array(self, r: int):
+        store = self.store()
+        with self._lock:
+            if r not in self._arrays:
+                entry = self.index.runs[r]
+                array = store.run(entry.run_id)[entry.array]
+                self._missing[r] = self._missing_shards(store, entry, array)
+                self._arrays[r] = array
+        return self._arrays[r]
+
+    @staticmethod
+    def _missing_shards(store: Store, entry, array) -> dict[int, str]:
+        """``{time shard index: key}`` of shard files absent from storage (one listing per run)."""
+        grid = array.shards if array.shards is not None else array.chunks
+        counts = [-(-n // c) for n, c in zip(array.shape, grid)]
+        base = f"{store.path}/{RUNS}/{entry.run_id}/{entry.array}/c"
+        try:
+            present = {p[len(base) + 1:] for p in store.fs.find(base)}
+        except FileNotFoundError:
+            present = set()
+        missing: dict[int, str] = {}
+        for idx in np.ndindex(*counts):
+            key = "/".join(str(i) for i in idx)
+            if key not in present:
+                missing.setdefault(idx[0], f"{entry.array}/c/{key}")
+        return missing
+
+    def mask(self, r: int) -> np.ndarray | None:
+        """The run's mask array (``mask`` argument), read once per process; None without one."""
+        if self.mask_name is None:
+            return None
+        store = self.store()
+        with self._lock:
+            if r not in self._masks:
+                entry = self.index.runs[r]
+                self._masks[r] = np.asarray(store.run(entry.run_id)[self.mask_name][...])
+        return self._masks[r]
+
+    # ------------------------------------------------------------------ reading
+    def _shard_key(self, entry, t: int) -> str:
+        rest = "/".join("0" for _ in entry.frame_shape)
+        return f"{RUNS}/{entry.run_id}/{entry.array}/c/{t}" + (f"/{rest}" if rest else "")
+
+    def read(self, i: int, out: np.ndarray | None = None) -> np.ndarray | None:
+        """Frames ``[start, start + L)`` of window ``i``, shape ``(L, *frame_shape)``, stored dtype.
+
+        Args:
+            i: window number in the index.
+            out: optional C-contiguous array of that shape and dtype to decode into
+                (e.g. the numpy view of a pinned tensor).
+
+        Returns:
+            The window (``out`` when given), or None when it was skipped (``on_error="skip"``).
+
+        Raises:
+            ChunkError: a needed shard file is missing or a chunk is corrupt (``on_error="raise"``).
+        """
+        r, start = int(self.index.run[i]), int(self.index.start[i])
+        entry, length = self.index.runs[r], self.index.length
+        stop = start + length
+        try:
+            array = self._array(r)
+            for t in range(start // entry.shard_frames, (stop - 1) // entry.shard_frames + 1):
+                if t in self._missing[r]:
+                    a = t * entry.shard_frames
+                    raise ChunkError(self.index.url, entry.run_id, entry.array, (a, min(a + entry.shard_frames, entry.n_frames)),
+                                     f"{RUNS}/{entry.run_id}/{self._missing[r][t]}", "shard file missing")
+            try:
+                if out is not None:
+                    from zarr.core.buffer import default_buffer_prototype
+
+                    buffer = default_buffer_prototype().nd_buffer.from_numpy_array(out)
+                    array.get_basic_selection(slice(start, stop), out=buffer)
+                    return out
+                return array[start:stop]
+            except Exception as exc:  # CRC-32C mismatch (ValueError), truncated or undecodable shard
+                raise self._locate(array, entry, start, stop, exc) from exc
+        except ChunkError as exc:
+            if self.on_error == "raise":
+                raise
+            log.warning("skipping window %d (%s, frames [%d, %d)): %s", i, entry.run_id, start, stop, exc)
+            self.skipped.append(str(exc))
+            return None
+
+    def _locate(self, array, entry, start: int, stop: int, exc: Exception) -> ChunkError:
+        """The first chunk of ``[start, stop)`` that cannot be read (chunk by chunk)."""
+        c = entry.chunk_frames
+        for a in range((start // c) * c, stop, c):
+            b = min(a + c, entry.n_frames)
+            try:
+                array[a:b]
+            except Exception as inner:
+                return ChunkError(self.index.url, entry.run_id, entry.array, (a, b),
+                                  self._shard_key(entry, a // entry.shard_frames), f"unreadable ({type(inner).__name__}: {inner})")
+        a = (start // entry.shard_frames) * entry.shard_frames
+        return ChunkError(self.index.url, entry.run_id, entry.array, (start, stop),
+                          self._shard_key(entry, a // entry.shard_frames), f"unreadable ({type(exc).__name__}: {exc})")
+
+    def read_ahead(self, items: Iterable[tuple[Any, int]], depth: int, alloc=None) -> Iterator[tuple[Any, np.ndarray | None]]:
+        """``(key, window)`` for each ``(key, i)`` in order, reading up to ``depth`` windows ahead on threads.
+
+        ``depth=0`` reads synchronously. ``alloc(key)`` may return the output array of a
+        window (see :meth:`read`). The buffer is bounded: at most ``depth`` windows are in
+        flight or read but not yet taken.
+        """
+        items = iter(items)
+        if depth <= 0:
+            for key, i in items:
+                yield key, self.read(i, alloc(key) if alloc else None)
+            return
+        self.store()  # open once, before the threads
+        with ThreadPoolExecutor(max_workers=depth, thread_name_prefix="fmri-data-read") as pool:
+            pending: deque = deque()
+            try:
+                for key, i in items:
+                    pending.append((key, pool.submit(self.read, i, alloc(key) if alloc else None)))
+                    if len(pending) >= depth:
+                        first, future = pending.popleft()
+                        yield first, future.result()
+                while pending:
+                    first, future = pending.popleft()
+                    yield first, future.result()
+            finally:
+                for _, future in pending:
+                    future.cancel()
