@@ -1,4 +1,4 @@
-"""Command line: ``fmri-data convert | inspect | validate | recipes | saliency``."""
+"""Command line: ``fmri-data convert | inspect | validate | recipes | saliency | flat``."""
 
 from __future__ import annotations
 
@@ -197,6 +197,9 @@ def recipes() -> None:
 from .cli_saliency import app as _saliency_app  # noqa: E402
 
 app.add_typer(_saliency_app, name="saliency")
+from .cli_flat import app as _flat_app  # noqa: E402
+
+app.add_typer(_flat_app, name="flat")
 
 
 def main() -> None:  # pragma: no cover - entry point
