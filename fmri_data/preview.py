@@ -43,8 +43,7 @@ def flat_png(frames: np.ndarray, mask: np.ndarray, *, titles: list[str] | None =
     n = len(frames) + 1
     fig = Figure(figsize=(w / 80 + 1.2, n * (h / 80 + 0.5)), dpi=dpi)
     axes = fig.subplots(n, 1, squeeze=False)[:, 0]
-    colormap = matplotlib.colormaps[cmap].copy()
-    colormap.set_bad("0.85")
+    colormap = matplotlib.colormaps[cmap].with_extremes(bad="0.85")
     for k, (ax, frame) in enumerate(zip(axes, frames)):
         image = ax.imshow(np.ma.masked_array(frame, ~mask), cmap=colormap, vmin=-vmax, vmax=vmax, interpolation="nearest")
         ax.set_title(titles[k] if titles else f"frame {k}", fontsize=9)
