@@ -379,8 +379,35 @@ def restrict_to_vertices(matrix: sp.csr_matrix, valid_vertices: np.ndarray, mask
 # --------------------------------------------------------------------------- apply
 
 
+@numba.njit(parallel=True, cache=True)
+def _scatter_frames(indptr, indices, data, pixels, values, out):  # pragma: no cover - compiled
+    # Blocks of 64 operator rows: accumulate whole (contiguous) vertex series into a small
+    # buffer, then write it frame by frame (pixels of a block are near each other).
+    n_rows, n_frames = pixels.shape[0], values.shape[1]
+    n_blocks = (n_rows + 63) // 64
+    for b in numba.prange(n_blocks):
+        r0 = b * 64
+        r1 = min(r0 + 64, n_rows)
+        buffer = np.zeros((r1 - r0, n_frames), dtype=np.float32)
+        for r in range(r0, r1):
+            acc = buffer[r - r0]
+            for k in range(indptr[r], indptr[r + 1]):
+                w = np.float32(data[k])
+                series = values[indices[k]]
+                for t in range(n_frames):
+                    acc[t] += w * series[t]
+        for t in range(n_frames):
+            image = out[t]
+            for r in range(r0, r1):
+                image[pixels[r]] = buffer[r - r0, t]
+
+
 def apply_operator(matrix: sp.csr_matrix, mask: np.ndarray, values: np.ndarray, fill: float = 0.0) -> np.ndarray:
     """Flat maps of all frames at once.
+
+    A numba kernel, parallel over blocks of pixels: each pixel's weighted vertex series
+    (float32 multiply-adds over contiguous frames) is written straight into the
+    ``(T, H, W)`` image, which is written once.
 
     Args:
         matrix: ``(n_valid, N)`` operator (N = vertices or voxels).
@@ -389,13 +416,19 @@ def apply_operator(matrix: sp.csr_matrix, mask: np.ndarray, values: np.ndarray, 
         fill: value of pixels outside the mask.
 
     Returns:
-        ``(H, W)`` or ``(T, H, W)`` float32 (time first).
+        ``(H, W)`` or ``(T, H, W)`` float32 (time first); sums are accumulated in float64.
+
+    Raises:
+        ValueError: ``values`` does not have N rows.
     """
     values = np.asarray(values)
     single = values.ndim == 1
-    pixels = np.asarray(matrix @ (values[:, None] if single else values), dtype=np.float32)
-    out = np.full((pixels.shape[1], mask.size), fill, dtype=np.float32)
-    out[:, mask.ravel()] = pixels.T
+    series = np.ascontiguousarray(values[:, None] if single else values, dtype=np.float32)  # (N, T)
+    if series.shape[0] != matrix.shape[1]:
+        raise ValueError(f"values have {series.shape[0]} rows; the operator has {matrix.shape[1]} columns")
+    matrix = matrix.tocsr()
+    out = np.full((series.shape[1], mask.size), fill, dtype=np.float32)
+    _scatter_frames(matrix.indptr, matrix.indices, matrix.data, np.flatnonzero(mask.ravel()), series, out)
     out = out.reshape((-1,) + mask.shape)
     return out[0] if single else out
 
