@@ -19,9 +19,11 @@ from __future__ import annotations
 from typing import Any
 
 import numpy as np
+import scipy.sparse as sp
 
 from ..derive.flatmap import (
     FlatOperator,
+    apply_operator,
     projection_matrix,
     restrict_to_vertices,
     surface_flat_operator,
@@ -136,8 +138,6 @@ def _projection(ctx: RunContext, family: SurfaceFamily, vol, cfg: dict[str, Any]
             inner, normals = None, vertex_normals(outer, faces)
         blocks.append(projection_matrix(outer, inner, normals, vol.affine, vol.shape[:3], proj["n_samples"],
                                         proj["radius_mm"], mask))
-    import scipy.sparse as sp
-
     info = {"surfaces": surfaces, "n_samples": proj["n_samples"], "mask": "file" if mask is not None else "none",
             "semantics": "nilearn vol_to_surf (linear, " + ("depth pial->white" if surfaces == "white_pial"
                                                             else f"line +-{proj['radius_mm']} mm along normals") + ")"}
@@ -232,9 +232,10 @@ def flat_outputs(ctx: RunContext, writer: RunWriter, known: dict[str, Any]) -> d
     height, width = mask.shape
 
     def block(start: int, stop: int) -> np.ndarray:
+        if flat_matrix is not None:
+            return apply_operator(flat_matrix, mask, series[start:stop].T)
         out = np.zeros((stop - start, height * width), dtype=np.float32)
-        frames = series[start:stop]
-        out[:, valid] = frames if flat_matrix is None else (flat_matrix @ frames.T).T
+        out[:, valid] = series[start:stop]
         return out.reshape(stop - start, height, width)
 
     writer.write_series("flat", n_frames, (height, width), cfg["dtype"], store_cfg["chunk_frames"],
