@@ -216,3 +216,40 @@ def test_convert_flat_mae_real(tmp_path, atlas_dir):
     assert any("world coordinates" in w for w in me1["warnings"])
     png = write_preview(str(out), run_id, [0, 100], str(tmp_path / "p.png"))
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and (tmp_path / "p.png").stat().st_size == len(png)
+
+
+def test_dense_cifti_to_flat(tmp_path, atlas_dir):
+    """Synthetic dense CIFTI on the real fsLR cortex structures: every left vertex carries one
+    series, every right vertex another, so each hemisphere's pixels must show its own z-scored series."""
+    import nibabel as nib
+
+    from conftest import make_bids
+    from fmri_data import Store
+    from fmri_data.convert import convert
+
+    models = nib.load(ATLASES / "tpl-fsLR_den-32k_atlas-Schaefer2018_desc-400Parcels7Networks_dseg.dlabel.nii").header.get_axis(1)
+    cortex = [(name, slc) for name, slc, _ in models.iter_structures() if "CORTEX" in str(name)]
+    assert len(cortex) == 2
+    t = np.arange(20, dtype=np.float64)
+    left, right = np.sin(0.5 * t) + 3.0, np.cos(0.3 * t) * 2.0 - 1.0
+    data = np.zeros((20, len(models)), dtype=np.float32)
+    for name, slc in cortex:
+        data[:, slc] = (left if "LEFT" in str(name) else right)[:, None]
+    img = nib.Cifti2Image(data, header=(nib.cifti2.SeriesAxis(0, 1.0, 20, unit="second"), models))
+    path = tmp_path / "src.dtseries.nii"
+    img.to_filename(path)
+    root = make_bids(tmp_path / "bids", {"sub-01/func/sub-01_task-rest_space-fsLR_den-91k_bold.dtseries.nii": path,
+                                          "sub-01/func/sub-01_task-rest_space-fsLR_den-91k_bold.json": '{"RepetitionTime": 1.0}'})
+    out = tmp_path / "cifti.zarr"
+    report = convert(root, str(out), "flat_mae", atlas_dir=atlas_dir, overrides=["flat.resolution_mm=2.4", "flat.triangulation=mesh"], progress=False)
+    assert not report.failed, [r.error for r in report.failed]
+    store = Store.open(str(out))
+    attrs = store.run_attrs("sub-01_task-rest")
+    assert attrs["flat"]["source"] == "cifti_dense" and attrs["flat"]["family"] == "fsLR"
+    video, mask = store.run("sub-01_task-rest")["flat"][:].astype(np.float32), store.run("sub-01_task-rest")["flat_mask"][:]
+    assert video.shape == (20, 112, 280)
+    for series, half in ((left, slice(0, 140)), (right, slice(140, 280))):
+        z = (series - series.mean()) / series.std()
+        pixels = video[:, :, half][:, mask[:, half]]
+        assert pixels.shape[1] > 1000
+        np.testing.assert_allclose(pixels, np.repeat(z[:, None], pixels.shape[1], axis=1), atol=5e-3)
