@@ -253,3 +253,23 @@ def test_dense_cifti_to_flat(tmp_path, atlas_dir):
         pixels = video[:, :, half][:, mask[:, half]]
         assert pixels.shape[1] > 1000
         np.testing.assert_allclose(pixels, np.repeat(z[:, None], pixels.shape[1], axis=1), atol=5e-3)
+
+
+def test_wrong_vertex_count_fails_clearly(tmp_path, atlas_dir):
+    import nibabel as nib
+
+    from conftest import make_bids
+    from fmri_data.convert import convert
+
+    files = {}
+    for hemi in ("L", "R"):
+        darrays = [nib.gifti.GiftiDataArray(np.random.default_rng(0).standard_normal(100).astype(np.float32),
+                                            intent="NIFTI_INTENT_TIME_SERIES") for _ in range(5)]
+        path = tmp_path / f"{hemi}.func.gii"
+        nib.save(nib.GiftiImage(darrays=darrays), path)
+        files[f"sub-01/func/sub-01_task-rest_hemi-{hemi}_space-fsaverage5_bold.func.gii"] = path
+    files["sub-01/func/sub-01_task-rest_bold.json"] = '{"RepetitionTime": 2.0}'
+    report = convert(make_bids(tmp_path / "bids", files), str(tmp_path / "bad.zarr"), "flat_mae", atlas_dir=atlas_dir,
+                     progress=False)
+    assert len(report.failed) == 1
+    assert "hemi-L_space-fsaverage5_bold.func.gii: 100 vertices; fsaverage5 hemi-L has 10242" in report.failed[0].error
