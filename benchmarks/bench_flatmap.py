@@ -13,7 +13,8 @@ Two runs, fsLR-style grid (box [-336, 336] x [-122.8, 146] mm, 1.2 mm, gap 8 mm)
 - an fsLR-32k-sized run on the real fsLR surfaces: 64,984 vertices x 1,200 frames of
   synthetic values (random normal; the timing does not depend on the values).
 
-Prints seconds and the ratio baseline / operator per run (the issue's target: >= 50x).
+Prints seconds and the ratio baseline / operator per run, and per 16-frame clip (one
+call per clip, as a loader rendering clips on the fly would do); the issue's target: >= 50x.
 The operator build time (once per surface + grid, then read from the cache) is printed
 separately. On a CUDA machine the torch sparse product is timed as well.
 
@@ -81,6 +82,20 @@ def compare(name: str, family, values: np.ndarray, repeat: int) -> None:
     print(f"  baseline B, LinearNDInterpolator(points, values) per run (Delaunay rebuilt):         {rebuild_s:.2f} s")
     print(f"  fmri-data sparse operator (numba, CPU): {ours_s:.3f} s   ratio vs A {base_s / ours_s:.1f}x, "
           f"vs B {rebuild_s / ours_s:.1f}x   max |diff| {error:.2e}")
+    # one call per 16-frame clip (a loader rendering clips on the fly): 10 clips spread over the run
+    starts = np.linspace(0, t - 16, 10).astype(int)
+    clip_values = [np.ascontiguousarray(values[:, a : a + 16]) for a in starts]
+    clip_patch = [np.ascontiguousarray(c[placed.vertex_index]) for c in clip_values]
+
+    def baseline_clips():
+        for c in clip_patch:
+            image = LinearNDInterpolator(delaunay, c)(xy[:, 0], xy[:, 1])
+            np.where(op.mask.ravel()[:, None], image, 0.0).T.reshape((-1,) + op.mask.shape)
+
+    clip_base_s, _ = timed(baseline_clips, repeat)
+    clip_ours_s, _ = timed(lambda: [fm.apply_operator(op.matrix, op.mask, c) for c in clip_values], repeat)
+    print(f"  per 16-frame clip: baseline A {clip_base_s / 10 * 1e3:.1f} ms, operator {clip_ours_s / 10 * 1e3:.2f} ms"
+          f"   ratio {clip_base_s / clip_ours_s:.1f}x")
     try:
         import torch
 

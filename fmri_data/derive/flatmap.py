@@ -379,35 +379,26 @@ def restrict_to_vertices(matrix: sp.csr_matrix, valid_vertices: np.ndarray, mask
 # --------------------------------------------------------------------------- apply
 
 
-@numba.njit(parallel=True, cache=True)
-def _scatter_frames(indptr, indices, data, pixels, values, out):  # pragma: no cover - compiled
-    # Blocks of 64 operator rows: accumulate whole (contiguous) vertex series into a small
-    # buffer, then write it frame by frame (pixels of a block are near each other).
-    n_rows, n_frames = pixels.shape[0], values.shape[1]
-    n_blocks = (n_rows + 63) // 64
-    for b in numba.prange(n_blocks):
-        r0 = b * 64
-        r1 = min(r0 + 64, n_rows)
-        buffer = np.zeros((r1 - r0, n_frames), dtype=np.float32)
-        for r in range(r0, r1):
-            acc = buffer[r - r0]
-            for k in range(indptr[r], indptr[r + 1]):
-                w = np.float32(data[k])
-                series = values[indices[k]]
-                for t in range(n_frames):
-                    acc[t] += w * series[t]
+@numba.njit(cache=True)
+def _scatter(pixel_values, pixels, out):  # pragma: no cover - compiled
+    # out[t, pixels[r]] = pixel_values[r, t], in blocks of 256 rows (both sides stay in cache)
+    n_rows, n_frames = pixel_values.shape
+    for r0 in range(0, n_rows, 256):
+        r1 = min(r0 + 256, n_rows)
         for t in range(n_frames):
-            image = out[t]
             for r in range(r0, r1):
-                image[pixels[r]] = buffer[r - r0, t]
+                out[t, pixels[r]] = pixel_values[r, t]
+
+
+#: Frames per sparse product in :func:`apply_operator` (keeps the intermediate in cache).
+FRAMES_PER_STEP = 32
 
 
 def apply_operator(matrix: sp.csr_matrix, mask: np.ndarray, values: np.ndarray, fill: float = 0.0) -> np.ndarray:
     """Flat maps of all frames at once.
 
-    A numba kernel, parallel over blocks of pixels: each pixel's weighted vertex series
-    (float32 multiply-adds over contiguous frames) is written straight into the
-    ``(T, H, W)`` image, which is written once.
+    For each step of 32 frames: one float32 sparse-dense product ``(n_valid, N) @ (N, 32)``
+    (scipy), scattered into the time-first ``(T, H, W)`` image by a small numba kernel.
 
     Args:
         matrix: ``(n_valid, N)`` operator (N = vertices or voxels).
@@ -416,19 +407,24 @@ def apply_operator(matrix: sp.csr_matrix, mask: np.ndarray, values: np.ndarray, 
         fill: value of pixels outside the mask.
 
     Returns:
-        ``(H, W)`` or ``(T, H, W)`` float32 (time first); sums are accumulated in float64.
+        ``(H, W)`` or ``(T, H, W)`` float32 (time first).
 
     Raises:
         ValueError: ``values`` does not have N rows.
     """
     values = np.asarray(values)
     single = values.ndim == 1
-    series = np.ascontiguousarray(values[:, None] if single else values, dtype=np.float32)  # (N, T)
+    series = values[:, None] if single else values  # (N, T)
     if series.shape[0] != matrix.shape[1]:
         raise ValueError(f"values have {series.shape[0]} rows; the operator has {matrix.shape[1]} columns")
-    matrix = matrix.tocsr()
+    if matrix.dtype != np.float32:
+        matrix = matrix.astype(np.float32)
+    pixels = np.flatnonzero(mask.ravel())
     out = np.full((series.shape[1], mask.size), fill, dtype=np.float32)
-    _scatter_frames(matrix.indptr, matrix.indices, matrix.data, np.flatnonzero(mask.ravel()), series, out)
+    for start in range(0, series.shape[1], FRAMES_PER_STEP):
+        stop = min(start + FRAMES_PER_STEP, series.shape[1])
+        step = np.ascontiguousarray(series[:, start:stop], dtype=np.float32)
+        _scatter(np.ascontiguousarray(matrix @ step), pixels, out[start:stop])
     out = out.reshape((-1,) + mask.shape)
     return out[0] if single else out
 
@@ -507,7 +503,7 @@ class FlatOperator:
     """A built flat-map operator.
 
     Attributes:
-        matrix: ``(n_valid, N)`` CSR; N = vertices (``V_L + V_R``) or voxels (C order).
+        matrix: ``(n_valid, N)`` CSR float32 (float64 on disk); N = vertices (``V_L + V_R``) or voxels (C order).
         mask: ``(H, W)`` bool valid pixels.
         grid: the raster.
         meta: provenance (``key``, ``scale``, ``n_vertices``, ...), JSON-ready.
@@ -573,7 +569,7 @@ def surface_flat_operator(flats: dict[str, tuple[np.ndarray, np.ndarray]], corte
         return {"flat": matrix}, mask, meta
 
     matrices, mask, meta = _cached(key, build, cache)
-    return FlatOperator(matrices["flat"], mask, _grid_of(meta), meta)
+    return FlatOperator(matrices["flat"].astype(np.float32), mask, _grid_of(meta), meta)
 
 
 def volume_flat_operator(surface_op: FlatOperator, projection: sp.csr_matrix, cache_params: dict[str, Any],
@@ -599,4 +595,5 @@ def volume_flat_operator(surface_op: FlatOperator, projection: sp.csr_matrix, ca
         return {"composed": composed, "vertex": projection.tocsr(), "flat": flat}, mask, meta
 
     matrices, mask, meta = _cached(key, build, cache)
-    return FlatOperator(matrices["composed"], mask, _grid_of(meta), meta, matrices["vertex"], matrices["flat"])
+    m = {name: matrix.astype(np.float32) for name, matrix in matrices.items()}
+    return FlatOperator(m["composed"], mask, _grid_of(meta), meta, m["vertex"], m["flat"])
