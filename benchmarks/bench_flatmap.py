@@ -80,7 +80,7 @@ def compare(name: str, family, values: np.ndarray, repeat: int) -> None:
     print(f"  operator build {build_s:.2f} s once (cached read {cached_s:.3f} s); nnz {op.matrix.nnz}")
     print(f"  baseline A, LinearNDInterpolator per run on a precomputed Delaunay (the reference): {base_s:.2f} s")
     print(f"  baseline B, LinearNDInterpolator(points, values) per run (Delaunay rebuilt):         {rebuild_s:.2f} s")
-    print(f"  fmri-data sparse operator (numba, CPU): {ours_s:.3f} s   ratio vs A {base_s / ours_s:.1f}x, "
+    print(f"  fmri-data sparse operator (scipy + numba, CPU): {ours_s:.3f} s   ratio vs A {base_s / ours_s:.1f}x, "
           f"vs B {rebuild_s / ours_s:.1f}x   max |diff| {error:.2e}")
     # one call per 16-frame clip (a loader rendering clips on the fly): 10 clips spread over the run
     starts = np.linspace(0, t - 16, 10).astype(int)

@@ -55,8 +55,6 @@ def known_spaces() -> list[str]:
 
 #: File names of the fsLR 32k surfaces (HCP S1200 group average), TemplateFlow style.
 FSLR_FILE = "tpl-fsLR_den-32k_hemi-{hemi}_{kind}.surf.gii"
-#: Surface families known for flat maps and the run spaces that map to them.
-FLAT_FAMILIES = {"fsLR": "fsLR", "fsaverage5": "fsaverage5"}
 
 
 @dataclass
@@ -102,7 +100,7 @@ def _read_gifti_mesh(path: Path) -> tuple[np.ndarray, np.ndarray]:
         img = nib.load(str(path))
         coords = next(d.data for d in img.darrays if d.intent == nib.nifti1.intent_codes["NIFTI_INTENT_POINTSET"])
         faces = next(d.data for d in img.darrays if d.intent == nib.nifti1.intent_codes["NIFTI_INTENT_TRIANGLE"])
-    except (OSError, StopIteration, ValueError, Exception) as exc:  # nibabel raises many types on bad files
+    except Exception as exc:  # nibabel raises many types on bad files
         raise InputError(path, f"not a GIFTI surface ({exc})") from exc
     return np.asarray(coords, dtype=np.float64), np.asarray(faces, dtype=np.int64)
 
