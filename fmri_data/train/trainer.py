@@ -2,7 +2,7 @@
 precision on CUDA, safetensors checkpoints with exact resume, per-step metrics.
 
 Determinism: every random draw of a step (masks, unit order) comes from a generator seeded
-with ``(seed, step)``, and the batch stream's position is saved with the checkpoint, so a
+with ``(seed, step)`` (the global torch seed, used by dropout layers, is set likewise), and the batch stream's position is saved with the checkpoint, so a
 run resumed from step ``k`` computes the same step-``k`` loss as an uninterrupted run (on
 the same device and thread count).
 
@@ -219,7 +219,9 @@ class Trainer:
         lr = learning_rate(self.step, self.cfg)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
-        generator = torch.Generator().manual_seed(self.cfg.train.seed * 1_000_003 + self.step)
+        step_seed = self.cfg.train.seed * 1_000_003 + self.step
+        generator = torch.Generator().manual_seed(step_seed)   # masks
+        torch.manual_seed(step_seed)                             # dropout (e.g. inside a Hugging Face LM)
         with torch.autocast(self.device.type, dtype=self.amp_dtype or torch.float32, enabled=self.amp_dtype is not None):
             loss, metrics = self.model(batch, generator)
         if not torch.isfinite(loss):
