@@ -1,4 +1,4 @@
-"""Command line: ``fmri-data convert | inspect | validate | recipes | saliency``."""
+"""Command line: ``fmri-data convert | inspect | validate | recipes | saliency | train | probe``."""
 
 from __future__ import annotations
 
@@ -197,6 +197,7 @@ def recipes() -> None:
 from .cli_saliency import app as _saliency_app  # noqa: E402
 
 app.add_typer(_saliency_app, name="saliency")
+from . import cli_train  # noqa: E402,F401  (registers train, probe)
 
 
 def main() -> None:  # pragma: no cover - entry point

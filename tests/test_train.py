@@ -110,17 +110,17 @@ def test_flat_mae_trains_and_resumes(flat_like, tmp_path):
 
 
 def test_fmri_lm_tokenizer_trains_and_resumes(real_store, tmp_path):
-    cfg = _cfg("fmri_lm", "model.n_rois=419", f"model.roi_array={HCP_ROI}")
+    cfg = _cfg("fmri_lm", "model.n_rois=419", f"model.roi_array={HCP_ROI}", "model.zscore_window=true")
     assert next(StoreBatches(real_store, cfg, "cpu"))["data"].shape == (2, 419, 32)
     _falls_and_resumes(cfg, store_batches(real_store), tmp_path)
 
 
 def test_fmri_lm_language_model_trains_and_resumes(real_store, tmp_path):
     pytest.importorskip("peft")
-    stage1 = _cfg("fmri_lm", "model.n_rois=419", f"model.roi_array={HCP_ROI}", "train.steps=4")
+    stage1 = _cfg("fmri_lm", "model.n_rois=419", f"model.roi_array={HCP_ROI}", "model.zscore_window=true", "train.steps=4")
     _fit(stage1, store_batches(real_store), tmp_path / "tokenizer")
     ckpt = tmp_path / "tokenizer" / "checkpoints" / "step-000004.safetensors"
-    cfg = _cfg("fmri_lm", "model.n_rois=419", f"model.roi_array={HCP_ROI}", "model.stage=2",
+    cfg = _cfg("fmri_lm", "model.n_rois=419", f"model.roi_array={HCP_ROI}", "model.zscore_window=true", "model.stage=2",
                f"model.tokenizer_checkpoint={ckpt}")
     batch = next(StoreBatches(real_store, cfg, "cpu"))
     assert len(batch["text"]) == 2 and "global efficiency" in batch["text"][0]
@@ -203,9 +203,18 @@ def test_linear_probe_on_haxby_event_windows(lm_store, tmp_path, capsys):
     _fit(cfg, store_batches(lm_store), tmp_path)
     model, loaded = load_pretrained(tmp_path / "checkpoints" / "step-000030.safetensors")
     assert loaded.to_dict() == cfg.to_dict()
-    result = run_probe(model, loaded, lm_store, label="trial_type", test={"run": ["10", "11", "12"]},
-                       pool="flatten", where={"task": "objectviewing"})
+    split = dict(label="trial_type", test={"run": ["10", "11", "12"]}, where={"task": "objectviewing"})
+    result = run_probe(model, loaded, lm_store, **split)
     assert result.n_train == 72 and result.n_test == 24 and len(result.classes) == 8
     assert 0.0 <= result.accuracy <= 1.0
+    baseline = run_probe(RawWindows(), loaded, lm_store, pool="flatten", **split)   # the input itself
     with capsys.disabled():
-        print(f"\nHaxby 8-way linear probe, frozen fMRI-LM tokenizer: {result}")
+        print(f"\nHaxby 8-way linear probe, frozen fMRI-LM tokenizer (mean-pooled codes): {result}"
+              f"\n  baseline, raw parcel windows flattened: {baseline}")
+
+
+class RawWindows(torch.nn.Module):
+    """The probe's baseline: the window itself as features, ``(B, R, L)``."""
+
+    def encode(self, batch):
+        return batch["data"]

@@ -119,7 +119,8 @@ class FmriLmConfig:
     lora_alpha: int = 16
     lora_targets: list[str] | None = None   # None: peft's default for the model type
     max_text_tokens: int = 256
-    roi_array: str = "roi"              # store array: "roi" (first ROI series) or "roi/<key>"
+    zscore_window: bool = False         # z-score each parcel over the window (for stores not z-scored per parcel)
+    roi_array: str = "roi/tian_s3-schaefer400_7n"   # store array "roi/<key>" (the fmri_lm recipe's), or "roi" (each run's first)
 
 
 @dataclass

@@ -10,7 +10,9 @@ neurostorm     ``bold``, sliding, L = frames    ``(B, 1, X, Y, Z, L)`` frame-z-s
 slim_brain     ``bold``, saliency top-k (or     ``(B, 1, X, Y, Z, L)`` likewise
                sliding if no scorer is set)
 flat_mae       ``flat`` + ``flat_mask``         ``(B, 1, L, H, W)`` + ``mask`` ``(B, H, W)``
-fmri_lm        ``roi`` / ``roi/<key>``           ``(B, R, L)`` z-scored per parcel over the window
+fmri_lm        ``roi/<key>`` / ``roi``           ``(B, R, L)`` as stored (the fmri_lm recipe z-scores
+                                                each parcel over the run), or z-scored per
+                                                parcel over the window (``zscore_window``)
 =============  ==============================  ==========================================
 
 Volumes are average-pooled by ``model.downsample`` (tiny configs only). Stage 2 of fMRI-LM
@@ -63,7 +65,8 @@ def prepare(batch: dict[str, Any], cfg: Config, device: torch.device, dataset) -
     if fam == "fmri_lm":
         out = dataset.to_device(batch, device)
         x = out["data"]
-        x = (x - x.mean(-1, keepdim=True)) / x.std(-1, keepdim=True).clamp_min(1e-6)
+        if cfg.model.zscore_window:
+            x = (x - x.mean(-1, keepdim=True)) / x.std(-1, keepdim=True).clamp_min(1e-6)
         out["data"] = x.clamp(-clamp, clamp) if clamp else x
         return out
     out = dataset.to_device(batch, device, normalize=True, clamp=clamp)

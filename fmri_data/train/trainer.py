@@ -225,7 +225,7 @@ class Trainer:
         with torch.autocast(self.device.type, dtype=self.amp_dtype or torch.float32, enabled=self.amp_dtype is not None):
             loss, metrics = self.model(batch, generator)
         if not torch.isfinite(loss):
-            raise FloatingPointError(f"loss is {float(loss)} at step {self.step}")
+            raise FloatingPointError(f"loss is {loss.item()} at step {self.step}")
         params = [p for g in self.optimizer.param_groups for p in g["params"]]
         if self.scaler is not None:  # pragma: no cover - CUDA fp16 only
             self.scaler.scale(loss).backward()
@@ -240,7 +240,7 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         if hasattr(self.model, "after_step"):
             self.model.after_step(self.step, self.cfg.train.steps)
-        return float(loss), {**metrics, "lr": lr}
+        return loss.item(), {**metrics, "lr": lr}
 
     def fit(self, until: int | None = None) -> dict[str, Any]:
         """Train to step ``until`` (default ``cfg.train.steps``); checkpoint every

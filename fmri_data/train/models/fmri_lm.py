@@ -86,7 +86,7 @@ class VqTokenizer(nn.Module):
         used = torch.bincount(codes.flatten(), minlength=self.cfg.codebook_size).float()
         p = used / used.sum()
         perplexity = float(torch.exp(-(p * torch.log(p + 1e-10)).sum()))
-        return recon + vq, {"recon_mse": float(recon), "vq_loss": float(vq), "code_perplexity": perplexity}
+        return recon + vq, {"recon_mse": recon.item(), "vq_loss": vq.item(), "code_perplexity": perplexity}
 
 
 def _text_model(cfg: FmriLmConfig):
