@@ -218,3 +218,66 @@ class RawWindows(torch.nn.Module):
 
     def encode(self, batch):
         return batch["data"]
+
+
+# ----------------------------------------------------------------------------- CLI
+def test_cli_train_resume_and_probe(lm_store, tmp_path):
+    from typer.testing import CliRunner
+
+    from fmri_data.cli import app
+
+    runner = CliRunner()
+    out = tmp_path / "run"
+    args = ["train", "--family", "fmri_lm", "--store", lm_store, "--config", "tiny", "--out", str(out), "--device", "cpu",
+            "--set", "model.frames=8", "--set", "train.checkpoint_every=2"]
+    first = runner.invoke(app, [*args, "--set", "train.steps=2"])
+    assert first.exit_code == 0, first.output
+    assert "samples/s" in first.output and "peak RSS" in first.output and "trainable parameters" in first.output
+    again = runner.invoke(app, [*args, "--set", "train.steps=3"])
+    assert again.exit_code == 0, again.output
+    assert "resumed from" in again.output and "step-000002" in again.output
+    assert (out / "checkpoints" / "step-000003.safetensors").is_file()
+    assert len((out / "metrics.jsonl").read_text().splitlines()) == 3
+    probe = runner.invoke(app, ["probe", "--checkpoint", str(out / "checkpoints" / "step-000003.safetensors"), "--store",
+                                lm_store, "--test", "run=10,11,12", "--where", "task=objectviewing", "--device", "cpu"])
+    assert probe.exit_code == 0, probe.output
+    assert "accuracy" in probe.output and "24 held-out windows" in probe.output
+    bad = runner.invoke(app, ["train", "--family", "flat_mae", "--store", lm_store, "--out", str(tmp_path / "f")])
+    assert bad.exit_code == 2 and "flat" in bad.output
+    wrong = runner.invoke(app, ["train", "--family", "nope", "--store", lm_store])
+    assert wrong.exit_code == 2 and "unknown family" in wrong.output
+
+
+# ----------------------------------------------------------------------------- base configs, GPU
+def test_base_configs_keep_the_papers_input_contracts():
+    shapes = {}
+    for family in ("neurostorm", "slim_brain", "flat_mae"):
+        cfg = get_config(family, "base")
+        with torch.device("meta"):   # shapes only: no memory, no initialisation cost
+            model = build_model(cfg)
+        shapes[family] = getattr(model, "input_shape", None) or (cfg.model.frames, *cfg.model.shape)
+    assert shapes == {"neurostorm": (96, 96, 96, 20), "slim_brain": (96, 96, 96, 40), "flat_mae": (16, 224, 560)}
+    ns, slim, flat, lm = (get_config(f, "base").model for f in ("neurostorm", "slim_brain", "flat_mae", "fmri_lm"))
+    assert ns.patch == (6, 6, 6, 1) and ns.mask_ratio == 0.5
+    assert slim.patch == (1, 4, 4, 4) and slim.mask_ratio == 0.7 and slim.saliency_scorer
+    assert (flat.patch, flat.t_patch, flat.mask_ratio) == (16, 16, 0.9)
+    assert (lm.n_rois, lm.frames) == (450, 160)
+    with pytest.raises(ValueError, match="no field"):
+        get_config("neurostorm", "base", ["model.nope=1"])
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_bf16_step_of_every_family(flat_like, tmp_path):  # pragma: no cover - GPU only
+    x, valid = flat_like
+    for family in ("neurostorm", "slim_brain", "flat_mae", "fmri_lm"):
+        cfg = get_config(family, "tiny", ["train.steps=2"])
+        m = cfg.model
+        if family == "flat_mae":
+            data = {"data": x[:2]}
+        elif family == "fmri_lm":
+            data = {"data": torch.randn(4, m.n_rois, m.frames)}
+        else:
+            data = {"data": torch.randn(2, 1, *(s // m.downsample for s in m.shape), m.frames)}
+        batches = TensorBatches(data, 2, shared={"mask": valid} if family == "flat_mae" else None, device="cuda")
+        summary = Trainer(build_model(cfg), batches, cfg, tmp_path / family, device="cuda").fit()
+        assert np.all(np.isfinite(summary["losses"])) and summary["peak_memory_bytes"] > 0
