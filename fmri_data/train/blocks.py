@@ -16,8 +16,7 @@ from torch import nn
 class Attention(nn.Module):
     """Multi-head self-attention over ``(B, N, C)`` tokens.
 
-    ``pad`` (``(B, N)`` bool, True = real token) keeps padded tokens out of every key set;
-    ``causal`` masks future tokens.
+    ``pad`` (``(B, N)`` bool, True = real token) keeps padded tokens out of every key set.
     """
 
     def __init__(self, dim: int, heads: int, dim_out: int | None = None):
@@ -28,11 +27,11 @@ class Attention(nn.Module):
         self.qkv = nn.Linear(dim, 3 * dim)
         self.proj = nn.Linear(dim, dim_out or dim)
 
-    def forward(self, x: torch.Tensor, pad: torch.Tensor | None = None, causal: bool = False) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, pad: torch.Tensor | None = None) -> torch.Tensor:
         b, n, c = x.shape
         q, k, v = self.qkv(x).view(b, n, 3, self.heads, c // self.heads).permute(2, 0, 3, 1, 4)
         mask = None if pad is None else pad[:, None, None, :]
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal and mask is None)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
         return self.proj(y.transpose(1, 2).reshape(b, n, c))
 
 
@@ -51,8 +50,8 @@ class Block(nn.Module):
         self.attn = Attention(dim, heads)
         self.mlp = Mlp(dim, mlp_ratio)
 
-    def forward(self, x: torch.Tensor, pad: torch.Tensor | None = None, causal: bool = False) -> torch.Tensor:
-        x = x + self.attn(self.norm1(x), pad, causal)
+    def forward(self, x: torch.Tensor, pad: torch.Tensor | None = None) -> torch.Tensor:
+        x = x + self.attn(self.norm1(x), pad)
         return x + self.mlp(self.norm2(x))
 
 

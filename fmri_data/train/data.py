@@ -25,7 +25,6 @@ from __future__ import annotations
 
 from typing import Any
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -181,7 +180,3 @@ def eval_dataset(index, cfg: Config) -> WindowMapDataset:
     """Map-style dataset of ``index`` in the family's layout (for probes)."""
     _, layout, mask = ARRAYS[cfg.family]
     return WindowMapDataset(index, layout=layout, mask=mask)
-
-
-def as_numpy(x: torch.Tensor) -> np.ndarray:
-    return x.detach().float().cpu().numpy()

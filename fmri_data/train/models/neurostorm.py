@@ -21,7 +21,6 @@ them (and a task head) trainable.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from ..blocks import Mlp, trunc_normal_
