@@ -1,4 +1,4 @@
-"""Command line: ``fmri-data convert | inspect | validate | recipes | saliency | windows | flat``."""
+"""Command line: ``fmri-data convert | inspect | validate | recipes | saliency | windows | flat | train | probe``."""
 
 from __future__ import annotations
 
@@ -195,6 +195,7 @@ def recipes() -> None:
         console.print(f"[bold]{name}[/bold]: {escape(load_recipe(name).get('description', ''))}")
 
 
+from . import cli_train  # noqa: E402,F401  (registers train, probe)
 from .cli_flat import app as _flat_app  # noqa: E402
 from .cli_load import windows as _windows  # noqa: E402
 from .cli_saliency import app as _saliency_app  # noqa: E402
