@@ -1,4 +1,4 @@
-"""Command line: ``fmri-data convert | inspect | validate | recipes | saliency``."""
+"""Command line: ``fmri-data convert | inspect | validate | recipes | saliency | qa``."""
 
 from __future__ import annotations
 
@@ -197,6 +197,9 @@ def recipes() -> None:
 from .cli_saliency import app as _saliency_app  # noqa: E402
 
 app.add_typer(_saliency_app, name="saliency")
+from .cli_qa import qa as _qa_command  # noqa: E402
+
+app.command("qa")(_qa_command)
 
 
 def main() -> None:  # pragma: no cover - entry point

@@ -9,6 +9,7 @@ from typing import Any
 from .. import engine
 from ..discover import discover
 from ..recipe import Recipe, load_recipe, recipe_hash
+from ..qa.table import write_qa_table
 from ..store import Store
 from .context import cached_atlas
 from .run import RunResult, convert_run
@@ -119,6 +120,7 @@ def convert(
     )
     results.sort(key=lambda r: r.run_id)
     _write_index(store, results)
+    write_qa_table(store)
     return ConvertReport(store.url, results)
 
 
