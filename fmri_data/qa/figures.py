@@ -67,17 +67,19 @@ def mosaic(volume: np.ndarray, mask: np.ndarray, title: str, cmap: str = "gray",
     picks = _slices(mask, n)
     cols = 6
     rows = max(1, -(-len(picks) // cols))
-    fig, axes = plt.subplots(rows, cols, figsize=(9, 1.6 * rows + 0.4), squeeze=False)
+    fig, axes = plt.subplots(rows, cols, figsize=(9, 1.8 * rows + 0.4), squeeze=False)
     inside = volume[mask] if mask.any() else volume.ravel()
     vmin, vmax = np.percentile(inside, [2, 98]) if inside.size else (0, 1)
+    colors = plt.get_cmap(cmap).with_extremes(bad="black")
+    box = [np.flatnonzero(mask.any(axis=a)) for a in ((1, 2), (0, 2))]
+    (x0, x1), (y0, y1) = [(b[0], b[-1] + 1) if b.size else (0, m) for b, m in zip(box, mask.shape[:2])]
     image = None
     for ax, k in zip(axes.ravel(), picks):
-        data = np.where(mask[:, :, k], volume[:, :, k], np.nan)
-        image = ax.imshow(data.T, origin="lower", cmap=cmap, vmin=vmin, vmax=vmax, interpolation="nearest")
+        data = np.where(mask[x0:x1, y0:y1, k], volume[x0:x1, y0:y1, k], np.nan)
+        image = ax.imshow(data.T, origin="lower", cmap=colors, vmin=vmin, vmax=vmax, interpolation="nearest")
         ax.set_title(f"z={k}", fontsize=7)
     for ax in axes.ravel():
         ax.axis("off")
-        ax.set_facecolor("black")
     if image is not None:
         fig.colorbar(image, ax=axes.ravel().tolist(), shrink=0.8, pad=0.01)
     fig.suptitle(title, fontsize=10)

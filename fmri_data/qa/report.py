@@ -5,7 +5,8 @@ Reads a store (never writes to it except ``qa.parquet``); covers its complete ru
 
 Contents: a sortable table of runs and their metrics; the distribution of each metric
 across runs with outliers flagged by the robust z-score ``z = (x - median) / (1.4826
-MAD)`` (Iglewicz & Hoaglin 1993; MAD the median absolute deviation across runs); the
+MAD)`` (Iglewicz & Hoaglin 1993; MAD the median absolute deviation across runs of the
+same kind — volume, GIFTI, dense or parcellated CIFTI — when there are at least 3); the
 runs the recipe's ``qa.exclude`` thresholds suggest excluding, with the reasons; one
 section per run with its metrics, notes, warnings, figures, sidecar and events. Every
 string from the dataset is HTML-escaped (jinja2 autoescape), so file names, sidecar
@@ -30,6 +31,7 @@ from .table import METRICS, qa_rows, write_qa_table
 
 TEMPLATES = Path(__file__).resolve().parent / "templates"
 MAD_TO_SD = 1.4826
+MEANAD_TO_SD = 1.2533
 DEFAULT_EXCLUDE = {"fd_mean_mm": 0.5, "fd_perc": 20.0, "tsnr_min": 30.0}
 DEFAULT_ROBUST_Z = 3.5
 
@@ -61,8 +63,10 @@ class Thresholds:
 def robust_z(values: np.ndarray) -> np.ndarray:
     """Robust z-score of each value across runs: ``(x - median) / (1.4826 MAD)``.
 
-    NaN stays NaN. When ``MAD = 0`` (more than half the runs equal), values equal to the
-    median get 0 and the others ``+-inf`` (they differ from the majority).
+    NaN stays NaN. When ``MAD = 0`` (more than half the runs equal) the scale is
+    ``1.2533 * mean |x - median|`` instead (the mean absolute deviation, scaled to a
+    Gaussian's std; the usual fallback of the modified z-score); when that is 0 too,
+    every z is 0.
 
     Args:
         values: ``(n_runs,)`` float.
@@ -75,11 +79,11 @@ def robust_z(values: np.ndarray) -> np.ndarray:
     out = np.full(v.shape, np.nan)
     if not ok.any():
         return out
-    median = np.median(v[ok])
-    mad = np.median(np.abs(v[ok] - median)) * MAD_TO_SD
-    with np.errstate(divide="ignore", invalid="ignore"):
-        z = (v[ok] - median) / mad if mad > 0 else np.where(v[ok] == median, 0.0, np.sign(v[ok] - median) * np.inf)
-    out[ok] = z
+    dev = np.abs(v[ok] - np.median(v[ok]))
+    scale = np.median(dev) * MAD_TO_SD
+    if scale == 0:
+        scale = dev.mean() * MEANAD_TO_SD
+    out[ok] = (v[ok] - np.median(v[ok])) / scale if scale > 0 else 0.0
     return out
 
 
@@ -159,7 +163,13 @@ def render_report(
         write_qa_table(store, rows)
     labels = {key: label for key, label, _ in METRICS}
     table = {key: np.array([np.nan if r[key] is None else float(r[key]) for r in rows]) for key, _, _ in METRICS}
-    zscores = {key: robust_z(v) for key, v in table.items()}
+    kinds = np.array([r["kind"] or "" for r in rows])
+    zscores = {key: np.full(len(rows), np.nan) for key in table}
+    for kind in set(kinds):  # runs are compared with runs of the same kind (volume, gifti, CIFTI)
+        same = kinds == kind
+        if same.sum() >= 3:
+            for key, v in table.items():
+                zscores[key][same] = robust_z(v[same])
     flags = {key: np.abs(np.nan_to_num(z, nan=0.0)) > thresholds.robust_z for key, z in zscores.items()}
     result = ReportResult(str(output), len(run_ids))
     runs = []
