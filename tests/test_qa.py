@@ -392,3 +392,38 @@ def test_sidecar_script_is_shown_as_text_not_run(browser, tmp_path, atlas_dir):
     cells = browser.execute_script("return Array.from(document.querySelectorAll('td.sidecar-value')).map(td => td.textContent)")
     assert payload in cells
     assert event in browser.execute_script("return document.body.textContent")
+
+
+def test_recompute_without_reconversion_matches_conversion(real_store, tmp_path):
+    """A store converted with QA off gets, from ``fmri-data qa --recompute``, the metrics a
+    conversion computes (same source file and brain mask as real_store's run 1); arrays untouched."""
+    from typer.testing import CliRunner
+
+    from fmri_data.cli import app
+    from fmri_data.convert import convert
+
+    root = make_bids(tmp_path / "bids", {
+        "sub-haxby1/func/sub-haxby1_task-objectviewing_run-01_bold.nii.gz": haxby_run(1),
+        "sub-haxby1/func/sub-haxby1_task-objectviewing_run-01_bold.json": json.dumps({"RepetitionTime": 2.5}),
+    })
+    url = str(tmp_path / "noqa.zarr")
+    report = convert(root, url, "default", overrides=["roi=null", "qa.enabled=false"], progress=False)
+    assert not report.failed, [r.error for r in report.failed]
+    store = Store.open(url)
+    run_id = HAXBY_IDS[0]
+    assert "qa" not in store.run_attrs(run_id) and read_qa_table(store)["tsnr"].isna().all()
+    before = store.run_attrs(run_id)["checksums"]
+    res = CliRunner().invoke(app, ["qa", url, "--recompute", "--report", str(tmp_path / "r.html"), "--no-figures"])
+    assert res.exit_code == 0, res.output
+    assert "recomputed for 1 of 1 runs" in res.output
+    qa = store.run_attrs(run_id)["qa"]
+    reference = Store.open(real_store).run_attrs(run_id)["qa"]
+    motion = {"fd_mean", "fd_num", "fd_perc", "notes", "series"}
+    assert {k: v for k, v in qa.items() if k not in motion} == {k: v for k, v in reference.items() if k not in motion}
+    assert qa["series"]["dvars_std"] == reference["series"]["dvars_std"]
+    assert store.run_attrs(run_id)["checksums"] == before
+    assert read_qa_table(store).set_index("run_id").loc[run_id, "tsnr"] == pytest.approx(reference["tsnr"])
+    # a changed source file is refused, not measured
+    (root / "sub-haxby1/func/sub-haxby1_task-objectviewing_run-01_bold.nii.gz").write_bytes(haxby_run(2).read_bytes())
+    res = CliRunner().invoke(app, ["qa", url, "--recompute", "--report", str(tmp_path / "r.html"), "--no-figures"])
+    assert res.exit_code == 0 and "sources differ" in res.output and "recomputed for 0 of 1" in res.output
