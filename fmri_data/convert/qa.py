@@ -210,6 +210,9 @@ def _motion(ctx: RunContext, n_source: int, cfg: dict[str, Any], out, series, no
     if not all(c in columns for c in MOTION_COLUMNS):
         notes.append("confounds have no trans_x..rot_z columns: FD not computed")
         return
+    if n_source < 2:
+        notes.append("a single frame: FD not computed")
+        return
     if values.shape[0] != n_source:
         notes.append(f"confounds have {values.shape[0]} rows for {n_source} frames: FD not computed")
         return

@@ -86,8 +86,12 @@ def mosaic(volume: np.ndarray, mask: np.ndarray, title: str, cmap: str = "gray",
     return to_base64(fig)
 
 
-def traces(series: dict[str, list], tr_s: float, fd_threshold_mm: float | None) -> str | None:
-    """FD, DVARS (standardized), outlier fraction and global signal against time (source TR)."""
+def traces(series: dict[str, list], tr_s: float, fd_threshold_mm: float | None) -> tuple[str, list[str]] | None:
+    """FD, DVARS (standardized), outlier fraction and global signal against time (source TR).
+
+    Returns:
+        ``(png, labels of the panels drawn)``, or None when the run has none of these series.
+    """
     panels = [
         ("fd", "FD (mm)"), ("dvars_std", "DVARS std"), ("aor", "outlier fraction"), ("global_signal", "global signal"),
     ]
@@ -105,7 +109,7 @@ def traces(series: dict[str, list], tr_s: float, fd_threshold_mm: float | None) 
         ax.set_ylabel(label, fontsize=8)
         ax.tick_params(labelsize=7)
     axes[-1, 0].set_xlabel("time (s)")
-    return to_base64(fig)
+    return to_base64(fig), [label for _, label in panels]
 
 
 def flat_frame(frame: np.ndarray, mask: np.ndarray, title: str) -> str:
@@ -166,9 +170,9 @@ def run_figures(group, attrs: dict[str, Any], carpet_rows: int = CARPET_ROWS) ->
         out.append({"title": f"Carpet plot: {roi_keys[0]} (parcels in atlas order x time)",
                     "png": carpet(x, attrs["tr_s"], roi_keys[0], "parcel")})
     if qa.get("series"):
-        png = traces(qa["series"], attrs["source_tr_s"], (qa.get("settings") or {}).get("fd_threshold_mm"))
-        if png:
-            out.append({"title": "FD, DVARS, outlier fraction and global signal (source frames)", "png": png})
+        drawn = traces(qa["series"], attrs["source_tr_s"], (qa.get("settings") or {}).get("fd_threshold_mm"))
+        if drawn:
+            out.append({"title": f"{', '.join(drawn[1])} against time (source TR; dashed: FD threshold)", "png": drawn[0]})
     if "flat" in group and "flat_mask" in group:
         flat, mask = group["flat"], np.asarray(group["flat_mask"][:], dtype=bool)
         t = flat.shape[0] // 2
