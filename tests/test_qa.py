@@ -6,6 +6,7 @@ import base64
 import io
 import json
 import math
+import os
 import shutil
 import tempfile
 from pathlib import Path
@@ -359,7 +360,8 @@ def test_report_renders_in_headless_chromium(browser, report_html, tmp_path):
     header.click()
     descending = [float(v) for v in browser.execute_script(read) if v]
     assert descending == sorted(descending, reverse=True)
-    shot = tmp_path / "report.png"
+    shot = Path(os.environ.get("FMRI_DATA_TEST_ARTIFACTS", tmp_path)) / "qa_report.png"  # CI may keep it
+    shot.parent.mkdir(parents=True, exist_ok=True)
     assert browser.save_screenshot(str(shot)) and shot.stat().st_size > 10_000
     assert _open(browser, report_html) == []
 

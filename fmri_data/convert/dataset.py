@@ -8,8 +8,8 @@ from typing import Any
 
 from .. import engine
 from ..discover import discover
-from ..recipe import Recipe, load_recipe, recipe_hash
 from ..qa.table import write_qa_table
+from ..recipe import Recipe, load_recipe, recipe_hash
 from ..store import Store
 from .context import cached_atlas
 from .run import RunResult, convert_run

@@ -159,8 +159,10 @@ def render_report(
     run_ids = store.run_ids()
     attrs = {r: store.run_attrs(r) for r in run_ids}
     rows = qa_rows(store, run_ids, attrs)
-    if store._writable():
-        write_qa_table(store, rows)
+    try:
+        write_qa_table(store, rows)  # keep qa.parquet in step with the runs reported
+    except (OSError, PermissionError):
+        pass  # a read-only store (e.g. a public bucket) is reported on without its table
     labels = {key: label for key, label, _ in METRICS}
     table = {key: np.array([np.nan if r[key] is None else float(r[key]) for r in rows]) for key, _, _ in METRICS}
     kinds = np.array([r["kind"] or "" for r in rows])
