@@ -91,6 +91,14 @@ def test_quality_index_3dtqual_worked_example():
     np.testing.assert_allclose(iqm.quality_index(x), [0, 0, 2], atol=1e-12)
 
 
+def test_quality_index_is_one_minus_scipy_spearman_with_ties():
+    x = np.random.default_rng(1).integers(0, 6, size=(5, 40)).astype(np.float32)  # many ties
+    ref = np.median(x, axis=0)
+    expected = [1 - iqm.stats.spearmanr(frame, ref).statistic for frame in x]
+    np.testing.assert_allclose(iqm.quality_index(x), expected, rtol=1e-10)
+    np.testing.assert_array_equal(iqm.average_ranks(x[0]), iqm.stats.rankdata(x[0]))
+
+
 def test_spatial_metrics_worked_examples():
     # EFC: a uniform image reaches E_max (EFC = 1); all energy in one voxel gives 0
     assert iqm.efc(np.full((4, 4, 4), 7.0)) == pytest.approx(1.0)

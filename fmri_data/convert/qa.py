@@ -113,14 +113,15 @@ def _series_metrics(x: np.ndarray, out: dict[str, Any], series: dict[str, Any], 
     intensity = iqm.DVARS_INTENSITY if not demeaned and median > 0 else None
     out["dvars_intensity_normalization"] = intensity
     if x.shape[0] >= 2:
-        d = iqm.dvars(x, intensity)
+        d = iqm.dvars(x, intensity, median=median)
         for key in ("nstd", "std", "vstd"):
             out[f"dvars_{key}"] = _g(np.nanmean(d[key])) if np.isfinite(d[key]).any() else None
             series[f"dvars_{key}"] = _trace(d[key])
     out["gcor"] = _g(iqm.gcor(x))
     if image_metrics:
-        aor = iqm.outlier_fraction(x)
-        aqi = iqm.quality_index(x)
+        temporal_median = np.median(x, axis=0)
+        aor = iqm.outlier_fraction(x, median=temporal_median)
+        aqi = iqm.quality_index(x, median=temporal_median)
         out["aor"], out["aqi"] = _g(aor.mean()), _g(aqi.mean())
         series["aor"], series["aqi"] = _trace(aor), _trace(aqi)
 
@@ -141,7 +142,7 @@ def _volume(ctx: RunContext, out, series, notes) -> None:
             nonfinite |= bad.any(axis=3)
             block = np.where(bad, 0.0, block).astype(np.float32)
         total += block.sum(axis=3, dtype=np.float64)
-        global_signal[start:stop] = block.reshape(-1, stop - start).mean(axis=0, dtype=np.float64)
+        global_signal[start:stop] = block.mean(axis=(0, 1, 2), dtype=np.float64)
         brain[start:stop] = block[mask].T
     mean_image = total / n_frames
     axis, pe_source = phase_encoding_axis(ctx.spec.volume.path, ctx.spec.metadata)

@@ -32,7 +32,7 @@ from .saliency import framewise_displacement
 
 __all__ = [
     "framewise_displacement", "tsnr_map", "tsnr", "dvars", "fd_summary", "gcor", "outlier_fraction",
-    "quality_index", "efc", "fber", "ghost_to_signal", "non_steady_state", "frames_dropped",
+    "quality_index", "average_ranks", "efc", "fber", "ghost_to_signal", "non_steady_state", "frames_dropped",
 ]
 
 #: nipype TSNR: voxels whose temporal std is at most this get tSNR 0.
@@ -98,7 +98,7 @@ def _ar1(d: np.ndarray) -> np.ndarray:
     return np.divide(num, den, out=np.zeros_like(num), where=den > 0)
 
 
-def dvars(x: np.ndarray, intensity: float | None = DVARS_INTENSITY) -> dict[str, np.ndarray]:
+def dvars(x: np.ndarray, intensity: float | None = DVARS_INTENSITY, median: float | None = None) -> dict[str, np.ndarray]:
     """DVARS of every frame transition: raw, standardized and voxel-wise standardized.
 
     As nipype ``confounds.compute_dvars`` (MRIQC's ``ComputeDVARS``, defaults
@@ -118,6 +118,7 @@ def dvars(x: np.ndarray, intensity: float | None = DVARS_INTENSITY) -> dict[str,
     Args:
         x: ``(T, N)`` series (T >= 2), time first.
         intensity: target median of step 1, or None.
+        median: ``median(x)``, if already known.
 
     Returns:
         ``{"nstd", "std", "vstd"}``, each ``(T - 1,)`` float64 (``nstd`` in the units of
@@ -128,7 +129,7 @@ def dvars(x: np.ndarray, intensity: float | None = DVARS_INTENSITY) -> dict[str,
         raise ValueError(f"DVARS needs at least 2 frames, got {x.shape[0]}")
     y = np.asarray(x, dtype=np.float32)
     if intensity is not None:
-        median = float(np.median(y))
+        median = float(np.median(y)) if median is None else float(median)
         if median == 0:
             raise ValueError("DVARS intensity normalization needs a non-zero median (pass intensity=None)")
         y = y * np.float32(intensity / median)
@@ -194,7 +195,7 @@ def gcor(x: np.ndarray) -> float:
     return float(g @ g)
 
 
-def outlier_fraction(x: np.ndarray, q: float = OUTLIER_Q) -> np.ndarray:
+def outlier_fraction(x: np.ndarray, q: float = OUTLIER_Q, median: np.ndarray | None = None) -> np.ndarray:
     """Fraction of channels that are outliers in each frame (AFNI ``3dToutcount -fraction``).
 
     AFNI's definition with its default ``-polort 0`` (the trend is the median): for each
@@ -205,6 +206,7 @@ def outlier_fraction(x: np.ndarray, q: float = OUTLIER_Q) -> np.ndarray:
     Args:
         x: ``(T, N)`` series of the brain channels.
         q: tail probability (AFNI ``-qthr``, default 0.001).
+        median: ``(N,)`` temporal median of each channel, if already known.
 
     Returns:
         ``(T,)`` float64 in ``[0, 1]``.
@@ -212,34 +214,47 @@ def outlier_fraction(x: np.ndarray, q: float = OUTLIER_Q) -> np.ndarray:
     x = _series(x)
     t = x.shape[0]
     alpha = float(stats.norm.isf(q / t))
-    median = np.median(x, axis=0)
+    median = np.median(x, axis=0) if median is None else median
     dev = np.abs(x - median)
     mad = np.median(dev, axis=0)
     outliers = dev > (alpha * math.sqrt(math.pi / 2.0)) * mad
     return outliers.mean(axis=1, dtype=np.float64)
 
 
-def quality_index(x: np.ndarray) -> np.ndarray:
+def average_ranks(v: np.ndarray) -> np.ndarray:
+    """Ranks 1..N of ``v (N,)`` with ties given their average rank (``scipy.stats.rankdata``'s
+    default), via an unstable argsort (stability does not matter once ties are averaged)."""
+    order = np.argsort(v)
+    ordered = v[order]
+    starts = np.r_[0, np.flatnonzero(ordered[1:] != ordered[:-1]) + 1]
+    counts = np.diff(np.r_[starts, v.size])
+    ranks = np.empty(v.size, dtype=np.float64)
+    ranks[order] = np.repeat(starts + (counts + 1) / 2.0, counts)
+    return ranks
+
+
+def quality_index(x: np.ndarray, median: np.ndarray | None = None) -> np.ndarray:
     """AFNI ``3dTqual`` quality index of each frame: ``1 - Spearman rho(frame, median frame)``.
 
     The median frame is the voxel-wise temporal median; rho is computed over the channels
-    (AFNI over its automask; here over the brain mask). Small is good. MRIQC's ``aqi`` is
-    the mean of this series.
+    (AFNI over its automask; here over the brain mask), ties at their average rank. Small
+    is good. MRIQC's ``aqi`` is the mean of this series.
 
     Args:
         x: ``(T, N)`` series of the brain channels (N >= 2).
+        median: ``(N,)`` temporal median of each channel, if already known.
 
     Returns:
         ``(T,)`` float64 in ``[0, 2]``.
     """
     x = _series(x)
-    ref = stats.rankdata(np.median(x, axis=0))
-    ref = ref - ref.mean()
-    out = np.empty(x.shape[0], dtype=np.float64)
+    ref = average_ranks(np.median(x, axis=0) if median is None else np.asarray(median))
+    ref -= ref.mean()
     ref_norm = math.sqrt(float(ref @ ref))
+    out = np.empty(x.shape[0], dtype=np.float64)
     for t in range(x.shape[0]):
-        r = stats.rankdata(x[t])
-        r = r - r.mean()
+        r = average_ranks(x[t])
+        r -= r.mean()
         denom = ref_norm * math.sqrt(float(r @ r))
         out[t] = 1.0 - (float(r @ ref) / denom if denom > 0 else 0.0)
     return out
