@@ -2,11 +2,12 @@
 frozen encoder is probed on Haxby's event-locked windows.
 
 Data: ``real_store`` (ds-real, default recipe: Haxby / sub-me1 volumes, HCP parcel series
-with 419 parcels), a store of ds-real with the fmri_lm recipe (450 parcels, TR 2 s), and,
-for the flat-map MAE (no flat maps in these stores), flat-map-shaped tensors made by
-reshaping the real fsaverage5 run's left-hemisphere vertices into a 64 x 160 image (not a
-real flat map; medial-wall vertices = invalid pixels). Synthetic inputs only where a test
-needs a known answer (graph metrics, masking invariants), as noted there.
+with 419 parcels), a store of ds-real with the fmri_lm recipe (450 parcels, TR 2 s),
+``flat_store`` (the real fsaverage5 run as 224 x 560 flat-map videos, flat_mae recipe), and,
+for the flat-map MAE's masking invariants and the GPU step, small flat-map-shaped tensors
+made by reshaping the real fsaverage5 run's left-hemisphere vertices into a 64 x 160 image
+(not a real flat map; medial-wall vertices = invalid pixels). Synthetic inputs only where a
+test needs a known answer (graph metrics, masking invariants), as noted there.
 """
 
 from __future__ import annotations
@@ -103,10 +104,11 @@ def test_slim_brain_trains_and_resumes(real_store, tmp_path):
     _falls_and_resumes(_cfg("slim_brain"), store_batches(real_store), tmp_path)
 
 
-def test_flat_mae_trains_and_resumes(flat_like, tmp_path):
-    x, valid = flat_like
-    _falls_and_resumes(_cfg("flat_mae"), lambda cfg: TensorBatches({"data": x}, cfg.train.batch_size, cfg.train.seed,
-                                                                  shared={"mask": valid}), tmp_path)
+def test_flat_mae_trains_and_resumes_on_real_flat_maps(flat_store, tmp_path):
+    cfg = _cfg("flat_mae", "model.shape=[224, 560]")
+    batch = next(StoreBatches(flat_store, cfg, "cpu"))
+    assert batch["data"].shape == (2, 1, 16, 224, 560) and batch["mask"].shape[-2:] == (224, 560)
+    _falls_and_resumes(cfg, store_batches(flat_store), tmp_path)
 
 
 def test_fmri_lm_tokenizer_trains_and_resumes(real_store, tmp_path):
