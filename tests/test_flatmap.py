@@ -68,12 +68,15 @@ def test_operator_equals_linear_nd_interpolator(fsaverage5, fs5_op, backend):
 
 def test_prepared_operator_renders_blocks_with_fill(fs5_op):
     op = fs5_op
-    values = np.random.default_rng(1).standard_normal((op.matrix.shape[1], 40)).astype(np.float32)
+    values = np.random.default_rng(1).standard_normal((op.matrix.shape[1], 100)).astype(np.float32)
     whole = fm.render_flat(op.matrix, op.mask, values, method="reference")
     prepared = PreparedOperator(op.matrix, "numba", "cpu")  # once per run, as convert/flat.py does
-    blocks = [fm.render_flat(prepared, op.mask, values[:, a : a + 16].T.copy().T, fill=np.nan) for a in (0, 16, 32)]
+    # a block of more than FRAMES_PER_STEP frames, and a strided (time-first) block
+    blocks = [fm.render_flat(prepared, op.mask, values[:, :84], fill=np.nan),
+              fm.render_flat(prepared, op.mask, values[:, 84:].T.copy().T, fill=np.nan)]
     image = np.concatenate(blocks)
-    assert image.shape == (40, 224, 560) and np.isnan(image[:, ~op.mask]).all()
+    assert fm.FRAMES_PER_STEP < 84
+    assert image.shape == (100, 224, 560) and np.isnan(image[:, ~op.mask]).all()
     np.testing.assert_allclose(image[:, op.mask], whole[:, op.mask], atol=1e-5)
     with pytest.raises(ValueError, match="rows"):
         fm.render_flat(prepared, op.mask, values[:-1])

@@ -392,14 +392,18 @@ def _scatter(pixel_values, pixels, out):  # pragma: no cover - compiled
                 out[t, pixels[r]] = pixel_values[r, t]
 
 
+#: Frames per product in :func:`render_flat`.
+FRAMES_PER_STEP = 64
+
+
 def render_flat(operator: sp.spmatrix | PreparedOperator, mask: np.ndarray, values: np.ndarray, fill: float = 0.0,
                 method: str = "auto", device: str = "auto") -> np.ndarray:
     """Flat maps of all frames at once: ``(N, T)`` vertex/voxel values -> ``(T, H, W)`` image.
 
     The product ``(n_valid, N) @ (N, T)`` runs in the shared sparse kernel
     (:class:`fmri_data.resample.operator.PreparedOperator`: numba on CPU, torch CSR on CUDA,
-    scipy as the reference); the valid pixels are then scattered into the time-first image,
-    the rest set to ``fill``.
+    scipy as the reference), :data:`FRAMES_PER_STEP` frames at a time; the valid pixels
+    are then scattered into the time-first image, the rest set to ``fill``.
 
     Args:
         operator: ``(n_valid, N)`` flat operator (N = vertices or voxels), or a
@@ -428,7 +432,9 @@ def render_flat(operator: sp.spmatrix | PreparedOperator, mask: np.ndarray, valu
     if len(pixels) != prepared.shape[0]:
         raise ValueError(f"mask has {len(pixels)} valid pixels; the operator has {prepared.shape[0]} rows")
     out = np.full((series.shape[1], mask.size), fill, dtype=np.float32)
-    _scatter(prepared(series), pixels, out)
+    for start in range(0, series.shape[1], FRAMES_PER_STEP):  # the pixel block stays in cache for the scatter
+        stop = min(start + FRAMES_PER_STEP, series.shape[1])
+        _scatter(prepared(series[:, start:stop]), pixels, out[start:stop])
     out = out.reshape((-1,) + mask.shape)
     return out[0] if single else out
 
