@@ -14,6 +14,7 @@ from ..remote import local_copies
 from ..store import RunWriter, Store, now, software_versions
 from .context import RunContext
 from .flat import flat_outputs
+from .qa import qa_outputs
 from .saliency import saliency_outputs
 from .surface import cifti_outputs, gifti_outputs
 from .tables import table_outputs
@@ -83,6 +84,7 @@ def _build(ctx: RunContext, writer: RunWriter) -> dict[str, Any] | None:
         return None
     attrs.update(table_outputs(ctx, writer, attrs["n_frames_source"]))
     saliency_outputs(ctx, writer, attrs)
+    attrs.update(qa_outputs(ctx, attrs))
     attrs.update(
         run_id=spec.run_id,
         entities=spec.entities,
