@@ -12,6 +12,7 @@ import pytest
 from scipy.interpolate import LinearNDInterpolator
 
 from fmri_data.derive import flatmap as fm
+from fmri_data.resample.operator import PreparedOperator, cuda_available
 from fmri_data.surfaces import load_family
 
 from conftest import ATLASES, DS_REAL
@@ -19,6 +20,13 @@ from conftest import ATLASES, DS_REAL
 PARAMS = dict(resolution_mm=1.2, bbox_mm=[-336, 336, -122.8, 146], fit="contain", hemisphere_gap_mm=8,
               edge_threshold_mm=16, triangulation="delaunay")
 NO_MASK = {"L": None, "R": None}
+needs_cuda = pytest.mark.skipif(not cuda_available(), reason="no CUDA device")
+BACKENDS = [  # the shared kernel's backends, each against LinearNDInterpolator (the reference)
+    pytest.param(("numba", "cpu"), id="numba"),
+    pytest.param(("torch", "cpu"), id="torch-cpu"),
+    pytest.param(("reference", "cpu"), id="scipy"),
+    pytest.param(("torch", "cuda"), id="torch-cuda", marks=needs_cuda),
+]
 
 
 @pytest.fixture(autouse=True)
@@ -43,18 +51,48 @@ def _placed(family, params):
     return placed, fm.fitted_grid(placed.points, params["resolution_mm"], bbox)
 
 
-def test_operator_equals_linear_nd_interpolator(fsaverage5, fs5_op):
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_operator_equals_linear_nd_interpolator(fsaverage5, fs5_op, backend):
     op = fs5_op
     placed, grid = _placed(fsaverage5, PARAMS)
     assert op.mask.shape == (224, 560) and grid.shape == (224, 560)
     assert 0.5 < op.mask.mean() < 0.7  # reference: ~62% of the image is cortex
     values = np.random.default_rng(0).standard_normal((placed.n_vertices, 3))
-    ours = fm.apply_operator(op.matrix, op.mask, values)  # (3, H, W)
+    ours = fm.render_flat(op.matrix, op.mask, values, method=backend[0], device=backend[1])  # (3, H, W)
     reference = LinearNDInterpolator(placed.points, values[placed.vertex_index])(grid.points())  # (H*W, 3)
     inside = op.mask.ravel()
     assert np.isfinite(reference[inside]).all()
     np.testing.assert_allclose(ours.reshape(3, -1)[:, inside], reference[inside].T, atol=1e-5)
     assert (ours[:, ~op.mask] == 0).all()
+
+
+def test_prepared_operator_renders_blocks_with_fill(fs5_op):
+    op = fs5_op
+    values = np.random.default_rng(1).standard_normal((op.matrix.shape[1], 100)).astype(np.float32)
+    whole = fm.render_flat(op.matrix, op.mask, values, method="reference")
+    prepared = PreparedOperator(op.matrix, "numba", "cpu")  # once per run, as convert/flat.py does
+    # a block of more than FRAMES_PER_STEP frames, and a strided (time-first) block
+    blocks = [fm.render_flat(prepared, op.mask, values[:, :84], fill=np.nan),
+              fm.render_flat(prepared, op.mask, values[:, 84:].T.copy().T, fill=np.nan)]
+    image = np.concatenate(blocks)
+    assert fm.FRAMES_PER_STEP < 84
+    assert image.shape == (100, 224, 560) and np.isnan(image[:, ~op.mask]).all()
+    np.testing.assert_allclose(image[:, op.mask], whole[:, op.mask], atol=1e-5)
+    with pytest.raises(ValueError, match="rows"):
+        fm.render_flat(prepared, op.mask, values[:-1])
+    short = op.mask.copy()
+    short.flat[np.flatnonzero(short)[0]] = False
+    with pytest.raises(ValueError, match="valid pixels"):
+        fm.render_flat(prepared, short, values)
+
+
+@needs_cuda
+def test_cuda_render_matches_cpu(fs5_op):
+    op = fs5_op
+    values = np.random.default_rng(2).standard_normal((op.matrix.shape[1], 64)).astype(np.float32)
+    gpu = fm.render_flat(op.matrix, op.mask, values, method="torch", device="cuda")
+    cpu = fm.render_flat(op.matrix, op.mask, values, method="numba", device="cpu")
+    np.testing.assert_allclose(gpu, cpu, atol=1e-5)
 
 
 @pytest.mark.parametrize("triangulation", ["delaunay", "mesh"])
@@ -64,7 +102,7 @@ def test_linear_ramp_maps_to_linear_ramp(fsaverage5, fs5_op, triangulation):
     placed, grid = _placed(fsaverage5, params)
     values = np.zeros(placed.n_vertices)
     values[placed.vertex_index] = 0.5 * placed.points[:, 0] - 2.0 * placed.points[:, 1] + 3.0
-    image = fm.apply_operator(op.matrix, op.mask, values)
+    image = fm.render_flat(op.matrix, op.mask, values)
     xy = grid.points().reshape(224, 560, 2)
     expected = 0.5 * xy[..., 0] - 2.0 * xy[..., 1] + 3.0
     np.testing.assert_allclose(image[op.mask], expected[op.mask], atol=1e-3)  # float32 output of ~1e3 values
@@ -76,7 +114,7 @@ def test_linear_ramp_maps_to_linear_ramp(fsaverage5, fs5_op, triangulation):
 def test_hemispheres_not_swapped(fsaverage5, fs5_op):
     op = fs5_op
     n = fsaverage5.n_vertices
-    image = fm.apply_operator(op.matrix, op.mask, np.r_[np.ones(n["L"]), -np.ones(n["R"])])
+    image = fm.render_flat(op.matrix, op.mask, np.r_[np.ones(n["L"]), -np.ones(n["R"])])
     x = fm.FlatGrid(-336, 336, -122.8, 146, 1.2).points()[:, 0].reshape(op.mask.shape)
     np.testing.assert_allclose(image[op.mask & (x < -8)], 1, atol=1e-6)
     np.testing.assert_allclose(image[op.mask & (x > 8)], -1, atol=1e-6)
@@ -123,7 +161,7 @@ def test_pycortex_subject_s1():
     placed, grid = _placed(family, params)
     values = np.zeros(placed.n_vertices)
     values[placed.vertex_index] = placed.points[:, 0]
-    image = fm.apply_operator(op.matrix, op.mask, values)
+    image = fm.render_flat(op.matrix, op.mask, values)
     np.testing.assert_allclose(image[op.mask], grid.points()[op.mask.ravel(), 0], atol=1e-3)
     assert op.mask.mean() > 0.3
 

@@ -23,8 +23,8 @@ import scipy.sparse as sp
 
 from ..derive.flatmap import (
     FlatOperator,
-    apply_operator,
     projection_matrix,
+    render_flat,
     restrict_to_vertices,
     surface_flat_operator,
     vertex_normals,
@@ -33,10 +33,11 @@ from ..derive.flatmap import (
 from ..discover import NATIVE
 from ..errors import InputError
 from ..read import open_cifti, open_gifti_series, open_volume, read_image_3d, resolve_tr
+from ..resample.operator import PreparedOperator
 from ..resample.temporal import resample_tr
 from ..store import RunWriter
 from ..surfaces import SurfaceFamily, cortex_from_dlabel, load_family
-from .context import BLOCK_BYTES, OPERATORS, RunContext, cached_atlas, check_finite
+from .context import BLOCK_BYTES, OPERATORS, RunContext, cached_atlas, check_finite, resample_device
 
 #: Template spaces of surface data -> flat-map family.
 SPACE_FAMILY = {"fsaverage5": "fsaverage5", "fsLR": "fsLR"}
@@ -160,6 +161,7 @@ def flat_outputs(ctx: RunContext, writer: RunWriter, known: dict[str, Any]) -> d
     if not cfg or not (spec.surface or spec.cifti_dense or spec.volume):
         return {}
     temporal = recipe["temporal"]
+    device = resample_device(recipe)  # every product runs in the shared kernel (numba on CPU, torch on CUDA)
     attrs: dict[str, Any] = {}
     projection_info = None
     if spec.surface or spec.cifti_dense:
@@ -187,10 +189,11 @@ def flat_outputs(ctx: RunContext, writer: RunWriter, known: dict[str, Any]) -> d
             raise InputError(vol.path, f"the volume covers none of the {family.name} cortex (world coordinates)")
         step = max(1, BLOCK_BYTES // (4 * int(np.prod(vol.shape[:3]))))
         stage = op.vertex_stage if cfg["normalization"] == "vertex_zscore" else op.matrix
+        apply_stage = PreparedOperator(stage, device=device)
         data = np.empty((stage.shape[0], vol.n_frames), dtype=np.float32)
         for start, stop, block in vol.iter_frames(step):
             block = check_finite(block, vol.path, start, recipe["inputs"]["nan_policy"]).reshape(-1, stop - start)
-            data[:, start:stop] = stage @ block
+            apply_stage(block, out=data[:, start:stop])
         covered = np.asarray(op.vertex_stage.getnnz(axis=1) > 0) if stage is op.vertex_stage else np.ones(len(data), bool)
         kind = "volume"
         space = src.space
@@ -222,7 +225,7 @@ def flat_outputs(ctx: RunContext, writer: RunWriter, known: dict[str, Any]) -> d
         columns = np.flatnonzero(signal)
         flat_matrix = flat_matrix[:, columns].tocsr()
         values = data[columns]
-    series = resample_tr(values.T, tr_in, tr_out, temporal["interpolation"], temporal["antialias"])  # (T_out, n)
+    series = resample_tr(values.T, tr_in, tr_out, temporal["interpolation"], temporal["antialias"], device=device)  # (T_out, n)
     n_frames = series.shape[0]
     if known.get("n_frames") not in (None, n_frames):
         raise InputError(src.path, f"flat map has {n_frames} frames; the run's other outputs have {known['n_frames']}")
@@ -230,10 +233,11 @@ def flat_outputs(ctx: RunContext, writer: RunWriter, known: dict[str, Any]) -> d
     store_cfg = recipe["store"]
     valid = np.flatnonzero(mask.ravel())
     height, width = mask.shape
+    apply_flat = PreparedOperator(flat_matrix, device=device) if flat_matrix is not None else None  # once per run
 
     def block(start: int, stop: int) -> np.ndarray:
-        if flat_matrix is not None:
-            return apply_operator(flat_matrix, mask, series[start:stop].T)
+        if apply_flat is not None:
+            return render_flat(apply_flat, mask, series[start:stop].T)
         out = np.zeros((stop - start, height * width), dtype=np.float32)
         out[:, valid] = series[start:stop]
         return out.reshape(stop - start, height, width)

@@ -47,6 +47,8 @@ import numpy as np
 import scipy.sparse as sp
 from scipy.spatial import Delaunay
 
+from ..resample.operator import PreparedOperator
+
 #: Bump when the operator numerics change, so that cached files are rebuilt.
 OPERATOR_VERSION = 1
 _IN_PLANE = 1e-5
@@ -390,56 +392,51 @@ def _scatter(pixel_values, pixels, out):  # pragma: no cover - compiled
                 out[t, pixels[r]] = pixel_values[r, t]
 
 
-#: Frames per sparse product in :func:`apply_operator` (keeps the intermediate in cache).
-FRAMES_PER_STEP = 32
+#: Frames per product in :func:`render_flat`.
+FRAMES_PER_STEP = 64
 
 
-def apply_operator(matrix: sp.csr_matrix, mask: np.ndarray, values: np.ndarray, fill: float = 0.0) -> np.ndarray:
-    """Flat maps of all frames at once.
+def render_flat(operator: sp.spmatrix | PreparedOperator, mask: np.ndarray, values: np.ndarray, fill: float = 0.0,
+                method: str = "auto", device: str = "auto") -> np.ndarray:
+    """Flat maps of all frames at once: ``(N, T)`` vertex/voxel values -> ``(T, H, W)`` image.
 
-    For each step of 32 frames: one float32 sparse-dense product ``(n_valid, N) @ (N, 32)``
-    (scipy), scattered into the time-first ``(T, H, W)`` image by a small numba kernel.
+    The product ``(n_valid, N) @ (N, T)`` runs in the shared sparse kernel
+    (:class:`fmri_data.resample.operator.PreparedOperator`: numba on CPU, torch CSR on CUDA,
+    scipy as the reference), :data:`FRAMES_PER_STEP` frames at a time; the valid pixels
+    are then scattered into the time-first image, the rest set to ``fill``.
 
     Args:
-        matrix: ``(n_valid, N)`` operator (N = vertices or voxels).
+        operator: ``(n_valid, N)`` flat operator (N = vertices or voxels), or a
+            ``PreparedOperator`` of it (prepare once to render many blocks of one run;
+            ``method`` and ``device`` are then those it was prepared with).
         mask: ``(H, W)`` bool valid pixels (``n_valid`` True).
-        values: ``(N,)`` or ``(N, T)`` vertex/voxel values.
+        values: ``(N,)`` or ``(N, T)`` values (any real dtype).
         fill: value of pixels outside the mask.
+        method, device: backend of the product, see
+            :func:`fmri_data.resample.operator.resolve_backend` (``"reference"`` = scipy).
 
     Returns:
         ``(H, W)`` or ``(T, H, W)`` float32 (time first).
 
     Raises:
-        ValueError: ``values`` does not have N rows.
+        ValueError: ``values`` does not have N rows, ``mask`` does not have ``n_valid``
+            valid pixels, or an unknown / unavailable method or device.
     """
+    prepared = operator if isinstance(operator, PreparedOperator) else PreparedOperator(operator, method, device)
     values = np.asarray(values)
     single = values.ndim == 1
     series = values[:, None] if single else values  # (N, T)
-    if series.shape[0] != matrix.shape[1]:
-        raise ValueError(f"values have {series.shape[0]} rows; the operator has {matrix.shape[1]} columns")
-    if matrix.dtype != np.float32:
-        matrix = matrix.astype(np.float32)
-    pixels = np.flatnonzero(mask.ravel())
+    if series.shape[0] != prepared.shape[1]:
+        raise ValueError(f"values have {series.shape[0]} rows; the operator has {prepared.shape[1]} columns")
+    pixels = np.flatnonzero(np.asarray(mask).ravel())
+    if len(pixels) != prepared.shape[0]:
+        raise ValueError(f"mask has {len(pixels)} valid pixels; the operator has {prepared.shape[0]} rows")
     out = np.full((series.shape[1], mask.size), fill, dtype=np.float32)
-    for start in range(0, series.shape[1], FRAMES_PER_STEP):
+    for start in range(0, series.shape[1], FRAMES_PER_STEP):  # the pixel block stays in cache for the scatter
         stop = min(start + FRAMES_PER_STEP, series.shape[1])
-        step = np.ascontiguousarray(series[:, start:stop], dtype=np.float32)
-        _scatter(np.ascontiguousarray(matrix @ step), pixels, out[start:stop])
+        _scatter(prepared(series[:, start:stop]), pixels, out[start:stop])
     out = out.reshape((-1,) + mask.shape)
     return out[0] if single else out
-
-
-def apply_operator_torch(matrix: sp.csr_matrix, mask: np.ndarray, values, device: str = "cuda"):
-    """:func:`apply_operator` on a GPU: ``values (N, T)`` torch or numpy -> ``(T, H, W)`` torch float32."""
-    import torch
-
-    coo = matrix.tocoo()
-    op = torch.sparse_coo_tensor(np.vstack([coo.row, coo.col]), coo.data.astype(np.float32), coo.shape, device=device)
-    x = torch.as_tensor(values, dtype=torch.float32, device=device)
-    pixels = torch.sparse.mm(op.to_sparse_csr(), x)
-    out = torch.zeros((x.shape[1], mask.size), dtype=torch.float32, device=device)
-    out[:, torch.as_tensor(np.flatnonzero(mask.ravel()), device=device)] = pixels.T
-    return out.reshape((-1,) + mask.shape)
 
 
 # --------------------------------------------------------------------------- disk cache
