@@ -170,6 +170,28 @@ def test_two_ranks_three_workers_read_every_window_once_in_the_global_order(real
     assert glued[:n] == sum(single, [])
 
 
+def test_a_late_worker_partitions_from_where_the_iteration_started(real_store, monkeypatch):
+    """Regression: a worker that starts after the main process has consumed batches of the
+    other workers must still take its own share of the epoch (worker 2 is delayed here)."""
+    import time
+
+    import fmri_data.load.dataset as dataset_module
+
+    real_info = dataset_module.get_worker_info
+
+    def slow_for_worker_2():
+        info = real_info()
+        if info is not None and info.id == 2:
+            time.sleep(1.0)
+        return info
+
+    monkeypatch.setattr(dataset_module, "get_worker_info", slow_for_worker_2)
+    index = build_index(real_store, length=20, stride=10, array=ROI)
+    ds = WindowDataset(index, batch_size=4, seed=5, prefetch=0)
+    got = [i for b in WindowLoader(ds, num_workers=3, multiprocessing_context="fork") for i in b["index"].tolist()]
+    assert got == ds.windows_of_epoch(0).tolist()
+
+
 def test_windows_hold_the_stored_frames_in_each_layout(real_store):
     store = Store.open(real_store)
     index = build_index(real_store, length=20, stride=40, array="bold", run_ids=[HAXBY_RUN.format(1), HAXBY_RUN.format(2)])

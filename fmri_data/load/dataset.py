@@ -253,6 +253,9 @@ class WindowDataset(_Windows, IterableDataset):
             raise ValueError(f"need seed >= 0, mix >= 1, prefetch >= 0 (got {seed}, {mix}, {prefetch})")
         self._blocks = index.blocks()
         self._position = torch.zeros(2, dtype=torch.int64).share_memory_()  # [epoch, windows consumed]
+        # Where the current iteration started: workers partition from this snapshot, not from
+        # _position, which the main process advances while workers are still starting.
+        self._start = torch.zeros(2, dtype=torch.int64).share_memory_()
         self._managed = False  # True when a WindowLoader counts consumption
 
     # ------------------------------------------------------------------ order
@@ -308,7 +311,7 @@ class WindowDataset(_Windows, IterableDataset):
     def __iter__(self) -> Iterator[dict[str, Any]]:
         info = get_worker_info()
         worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
-        epoch, consumed = int(self._position[0]), int(self._position[1])
+        epoch, consumed = (int(v) for v in (self._start if self._managed else self._position))
         rest = self.windows_of_epoch(epoch)[consumed:]
         mine = rest[worker_positions(len(rest), self.batch_size, worker, workers)]
         counting = info is None and not self._managed
@@ -415,6 +418,7 @@ class WindowLoader:
         return len(self.dataset)
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
+        self.dataset._start.copy_(self.dataset._position)  # before any worker reads it
         for batch in self.loader:
             self.dataset._advance(batch["span"], False)
             if len(batch["index"]):  # empty when every window of the batch was skipped (on_error="skip")
