@@ -10,6 +10,13 @@ decompresses into a freshly allocated buffer and copies it into the output, whic
 more than the decompression itself (measured in ``benchmarks/bench_loader.py``).
 Anything else (another codec chain, another sharding layout, a big-endian dtype) gives
 :func:`direct_layout` ``None`` and the caller reads through Zarr.
+
+Threads: each chunk is decompressed by one thread (Zarr sets ``numcodecs.blosc.use_threads
+= False``, so numcodecs uses Blosc's contextual, single-threaded call, which releases the
+GIL). Parallelism comes from the loader instead: ``prefetch`` read-ahead threads per
+process, times the DataLoader workers, each decoding a different window. Blosc's internal
+threads are left off on purpose: on top of those they would only oversubscribe the cores,
+and enabling them switches numcodecs to Blosc's global, lock-serialised context.
 """
 
 from __future__ import annotations
