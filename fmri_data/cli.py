@@ -1,4 +1,4 @@
-"""Command line: ``fmri-data convert | inspect | validate | recipes | saliency | windows``."""
+"""Command line: ``fmri-data convert | inspect | validate | recipes | saliency | windows | flat | qa | train | probe``."""
 
 from __future__ import annotations
 
@@ -195,10 +195,16 @@ def recipes() -> None:
         console.print(f"[bold]{name}[/bold]: {escape(load_recipe(name).get('description', ''))}")
 
 
+from . import cli_train  # noqa: E402,F401  (registers train, probe)
+from .cli_flat import app as _flat_app  # noqa: E402
+from .cli_load import windows as _windows  # noqa: E402
+from .cli_qa import qa as _qa_command  # noqa: E402
 from .cli_saliency import app as _saliency_app  # noqa: E402
 
 app.add_typer(_saliency_app, name="saliency")
-app.command()(__import__("fmri_data.cli_load", fromlist=["windows"]).windows)
+app.add_typer(_flat_app, name="flat")
+app.command()(_windows)
+app.command("qa")(_qa_command)
 
 
 def main() -> None:  # pragma: no cover - entry point

@@ -130,11 +130,12 @@ def load_recipe(name_or_path: str | Path = "default", overrides: list[str] | Non
 
 
 #: Recipe sections that say how to run, not what to produce: not part of the fingerprint.
-EXECUTION_KEYS = ("description", "compute")
+#: ``qa`` only adds run attributes (quality metrics) and report thresholds, never array values.
+EXECUTION_KEYS = ("description", "compute", "qa")
 
 
 def recipe_hash(recipe: Recipe) -> str:
-    """Stable 16-hex-digit fingerprint of what a recipe produces (ignores description and compute)."""
+    """Stable 16-hex-digit fingerprint of what a recipe produces (ignores description, compute and qa)."""
     payload = {k: v for k, v in recipe.items() if k not in EXECUTION_KEYS}
     blob = json.dumps(payload, sort_keys=True, separators=(",", ":")).encode()
     return hashlib.sha256(blob).hexdigest()[:16]

@@ -44,6 +44,18 @@ def real_store(tmp_path_factory, atlas_dir) -> str:
     return str(out)
 
 
+@pytest.fixture(scope="session")
+def flat_store(tmp_path_factory, atlas_dir) -> str:
+    """The real fsaverage5 resting-state run of ds-real converted with the flat_mae recipe
+    (flat (912, 224, 560) float16 + flat_mask), shared by read-only tests."""
+    from fmri_data.convert import convert
+
+    out = tmp_path_factory.mktemp("flat") / "flat_mae.zarr"
+    report = convert(DS_REAL, str(out), "flat_mae", atlas_dir=atlas_dir, participant_label=["010188"], progress=False)
+    assert not report.failed and report.count("complete") == 1, [r.error for r in report.failed]
+    return str(out)
+
+
 def make_bids(root: Path, files: dict[str, Path | bytes | str], description: dict | None = None) -> Path:
     """Build a small BIDS tree: ``files`` maps relative paths to a file to copy or content."""
     import json

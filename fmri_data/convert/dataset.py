@@ -8,6 +8,7 @@ from typing import Any
 
 from .. import engine
 from ..discover import discover
+from ..qa.table import write_qa_table
 from ..recipe import Recipe, load_recipe, recipe_hash
 from ..store import Store
 from .context import cached_atlas
@@ -119,6 +120,7 @@ def convert(
     )
     results.sort(key=lambda r: r.run_id)
     _write_index(store, results)
+    write_qa_table(store)
     return ConvertReport(store.url, results)
 
 

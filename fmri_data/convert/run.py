@@ -13,6 +13,8 @@ from ..recipe import Recipe, recipe_hash
 from ..remote import local_copies
 from ..store import RunWriter, Store, now, software_versions
 from .context import RunContext
+from .flat import flat_outputs
+from .qa import qa_outputs
 from .saliency import saliency_outputs
 from .surface import cifti_outputs, gifti_outputs
 from .tables import table_outputs
@@ -77,10 +79,12 @@ def _build(ctx: RunContext, writer: RunWriter) -> dict[str, Any] | None:
     has_roi = has_roi or (spec.cifti_dense is not None and bool(recipe["roi"]))
     if spec.surface and recipe["roi"] and not has_roi:
         attrs.update(gifti_outputs(ctx, writer))
+    attrs.update(flat_outputs(ctx, writer, attrs))
     if not writer.outputs:
         return None
     attrs.update(table_outputs(ctx, writer, attrs["n_frames_source"]))
     saliency_outputs(ctx, writer, attrs)
+    attrs.update(qa_outputs(ctx, attrs))
     attrs.update(
         run_id=spec.run_id,
         entities=spec.entities,

@@ -1,0 +1,377 @@
+"""Quality metrics of a run during conversion (recipe ``qa`` section) -> run attribute ``qa``.
+
+Where the metrics are computed (the choice, and why):
+
+* **Volume runs: on the source image** (the BOLD file as read, RAS+, its own grid and
+  TR, before spatial/temporal resampling and normalisation), which is where MRIQC defines
+  them: EFC, FBER and the ghost-to-signal ratio need the air background and the
+  phase-encoding geometry of the acquisition, which resampling onto the template grid
+  and masking remove; tSNR and DVARS on interpolated voxels would be inflated by the
+  interpolation's smoothing. The brain mask is the run's stored mask taken back to the
+  source grid (nearest neighbour), else the ``desc-brain_mask`` file, else an EPI mask of
+  the source mean (ROI-only recipes). The source is read once more, block by block
+  (``RunContext.brain_source`` holds resampled voxels, so it cannot serve); only the
+  brain voxels ``(T, N_brain)`` float32 are held.
+* **Surface, dense CIFTI and parcellated CIFTI runs: on the source vertices /
+  grayordinates / parcels**; channels constant over time (the medial wall) are left out.
+  tSNR, DVARS, GCOR, FD and the non-steady-state count apply; AOR, AQI, EFC, FBER and GSR
+  are volume-image metrics and are null.
+
+FD comes from the fMRIPrep confounds (``trans_*``, ``rot_*``) when present with one row
+per source frame. QA never changes a stored array. Per-frame traces are kept (rounded to
+6 significant digits) in ``qa.series`` for the report's figures.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from typing import Any
+
+import nibabel as nib
+import numpy as np
+from nibabel import orientations
+
+from ..derive import qa as iqm
+from ..derive.saliency import MOTION_COLUMNS
+from ..derive.volume import epi_mask
+from ..read import open_cifti, open_gifti_series, open_volume, read_image_3d
+from ..resample.spatial import grid_indices, resampling_matrix
+from .context import BLOCK_BYTES, RunContext
+
+log = logging.getLogger(__name__)
+
+DEFAULTS = {"enabled": True, "fd_threshold_mm": 0.5, "fd_radius_mm": 50.0}
+AXES = "xyz"
+
+
+def qa_settings(recipe: dict[str, Any]) -> dict[str, Any] | None:
+    """The recipe's ``qa`` section with defaults; None when QA is disabled (``qa: null`` or ``enabled: false``)."""
+    if "qa" in recipe and recipe["qa"] is None:
+        return None
+    cfg = {**DEFAULTS, **(recipe.get("qa") or {})}
+    return cfg if cfg["enabled"] else None
+
+
+def _g(value: float) -> float | None:
+    """A finite float rounded to 6 significant digits, else None."""
+    value = float(value)
+    return float(f"{value:.6g}") if math.isfinite(value) else None
+
+
+def _trace(values: np.ndarray) -> list[float | None]:
+    return [_g(v) for v in np.asarray(values, dtype=np.float64)]
+
+
+def _source_mask(ctx: RunContext, vol) -> tuple[np.ndarray, str]:
+    """Brain mask on the source grid and where it came from."""
+    target = grid_indices(vol.shape[:3])
+    if ctx.mask is not None and ctx.grid is not None:
+        back = resampling_matrix(ctx.grid.shape, ctx.grid.affine, target, vol.affine, order=0)
+        mask = (back @ ctx.mask.reshape(-1).astype(np.float64)) > 0.5
+        return mask.reshape(vol.shape[:3]), "stored brain_mask (nearest neighbour on the source grid)"
+    if ctx.spec.mask:
+        data, affine = read_image_3d(ctx.spec.mask)
+        near = resampling_matrix(data.shape, affine, target, vol.affine, order=0)
+        mask = (near @ (data.reshape(-1) > 0.5).astype(np.float64)) > 0.5
+        return mask.reshape(vol.shape[:3]), "desc-brain_mask file"
+    total = np.zeros(vol.shape[:3], dtype=np.float64)
+    for _, _, block in vol.iter_frames(_frames_per_block(vol.shape)):
+        total += np.nan_to_num(block).sum(axis=3)
+    return epi_mask(total / vol.n_frames, vol.affine), "EPI mask of the source mean (nilearn compute_epi_mask)"
+
+
+def _frames_per_block(shape) -> int:
+    return max(1, min(int(shape[3]), BLOCK_BYTES // (4 * int(np.prod(shape[:3])))))
+
+
+def phase_encoding_axis(path: str, metadata: dict[str, Any]) -> tuple[int, str]:
+    """RAS+ axis (0=x, 1=y, 2=z) of the sidecar's ``PhaseEncodingDirection`` and where it came from.
+
+    BIDS ``i``/``j``/``k`` name the on-disk voxel axes; the reader reorients to RAS+, so the
+    axis is mapped through the file's orientation. Without the field: y (as MRIQC).
+    """
+    pe = str(metadata.get("PhaseEncodingDirection") or "").strip()
+    if pe[:1] in ("i", "j", "k"):
+        disk_axis = "ijk".index(pe[0])
+        ornt = orientations.io_orientation(nib.load(path).affine)
+        return int(ornt[disk_axis, 0]), f"PhaseEncodingDirection {pe}"
+    return 1, "default y (no PhaseEncodingDirection)"
+
+
+def _series_metrics(x: np.ndarray, out: dict[str, Any], series: dict[str, Any], notes: list[str], image_metrics: bool) -> None:
+    """tSNR, DVARS, GCOR (and AOR, AQI for images) of ``x (T, N)``."""
+    means = x.mean(axis=0, dtype=np.float64)
+    stds = x.std(axis=0, dtype=np.float64)
+    demeaned = bool(np.median(np.abs(means)) < 0.1 * np.median(stds))
+    if demeaned:
+        notes.append("series look demeaned (median |mean| < 0.1 median std): tSNR not defined, DVARS not intensity-normalised")
+        out["tsnr"] = None
+    else:
+        out["tsnr"] = _g(iqm.tsnr(x))
+    median = float(np.median(x))
+    intensity = iqm.DVARS_INTENSITY if not demeaned and median > 0 else None
+    out["dvars_intensity_normalization"] = intensity
+    if x.shape[0] >= 2:
+        d = iqm.dvars(x, intensity, median=median)
+        for key in ("nstd", "std", "vstd"):
+            out[f"dvars_{key}"] = _g(np.nanmean(d[key])) if np.isfinite(d[key]).any() else None
+            series[f"dvars_{key}"] = _trace(d[key])
+    out["gcor"] = _g(iqm.gcor(x))
+    if image_metrics:
+        temporal_median = np.median(x, axis=0)
+        aor = iqm.outlier_fraction(x, median=temporal_median)
+        aqi = iqm.quality_index(x, median=temporal_median)
+        out["aor"], out["aqi"] = _g(aor.mean()), _g(aqi.mean())
+        series["aor"], series["aqi"] = _trace(aor), _trace(aqi)
+
+
+def _volume(ctx: RunContext, out, series, notes) -> None:
+    vol = open_volume(ctx.spec.volume.path)
+    mask, mask_source = _source_mask(ctx, vol)
+    if not mask.any():
+        raise ValueError("brain mask is empty on the source grid")
+    n_frames = vol.n_frames
+    brain = np.empty((n_frames, int(mask.sum())), dtype=np.float32)
+    total = np.zeros(vol.shape[:3], dtype=np.float64)
+    nonfinite = np.zeros(vol.shape[:3], dtype=bool)
+    global_signal = np.empty(n_frames, dtype=np.float64)
+    for start, stop, block in vol.iter_frames(_frames_per_block(vol.shape)):
+        bad = ~np.isfinite(block)
+        if bad.any():
+            nonfinite |= bad.any(axis=3)
+            block = np.where(bad, 0.0, block).astype(np.float32)
+        total += block.sum(axis=3, dtype=np.float64)
+        global_signal[start:stop] = block.mean(axis=(0, 1, 2), dtype=np.float64)
+        brain[start:stop] = block[mask].T
+    mean_image = total / n_frames
+    axis, pe_source = phase_encoding_axis(ctx.spec.volume.path, ctx.spec.metadata)
+    out.update(
+        kind="volume",
+        computed_on=f"source image {'x'.join(str(s) for s in vol.shape[:3])} voxels, TR {ctx.tr_in:g} s",
+        mask=mask_source,
+        n_channels=int(mask.sum()),
+        nan_fraction=_g(nonfinite.mean()),
+        constant_fraction=_g(np.mean(np.ptp(brain, axis=0) == 0)),
+        dummy_trs=iqm.non_steady_state(global_signal),
+        efc=_g(iqm.efc(mean_image)),
+        fber=_g(iqm.fber(mean_image, mask)),
+        gsr=_g(iqm.ghost_to_signal(mean_image, mask, axis)),
+        gsr_axis=AXES[axis],
+        gsr_axis_source=pe_source,
+    )
+    if out["fber"] is None:
+        notes.append("FBER undefined: the background of the source image is ~0 (skull-stripped or masked input)")
+    if out["gsr"] is None:
+        notes.append("GSR undefined: the median brain intensity of the mean image is 0 (or a region is empty)")
+    series["global_signal"] = _trace(global_signal)
+    _series_metrics(brain, out, series, notes, image_metrics=True)
+
+
+def _channels(ctx: RunContext) -> tuple[np.ndarray, str, str]:
+    """``(T, C)`` source series of a surface / CIFTI run, its kind and a description."""
+    spec = ctx.spec
+    if spec.cifti_dense is not None:
+        cifti = open_cifti(spec.cifti_dense.path)
+        return cifti.read(), "cifti_dense", f"{cifti.n_columns} grayordinates"
+    if spec.surface:
+        parts = [open_gifti_series(spec.surface[h].path) for h in ("L", "R")]
+        x = np.hstack([p.read(0, p.n_frames).T for p in parts]).astype(np.float32)
+        return x, "gifti", f"{x.shape[1]} vertices (hemi-L + hemi-R)"
+    cifti = open_cifti(spec.parcellated[0].path)
+    return cifti.read(), "cifti_parcels", f"{cifti.n_columns} parcels"
+
+
+def _surface(ctx: RunContext, out, series, notes) -> None:
+    x, kind, what = _channels(ctx)
+    finite = np.isfinite(x)
+    nonfinite = ~finite.all(axis=0)
+    x = np.where(finite, x, 0.0).astype(np.float32)
+    varying = (np.ptp(x, axis=0) > 0) & ~nonfinite
+    global_signal = x.mean(axis=1, dtype=np.float64)
+    out.update(
+        kind=kind,
+        computed_on=f"source {what}, TR {ctx.tr_in:g} s",
+        mask="channels that vary over time",
+        n_channels=int(varying.sum()),
+        nan_fraction=_g(nonfinite.mean()),
+        constant_fraction=_g(1.0 - varying.mean()),
+        dummy_trs=iqm.non_steady_state(global_signal),
+    )
+    series["global_signal"] = _trace(global_signal)
+    if varying.any():
+        _series_metrics(x[:, varying], out, series, notes, image_metrics=False)
+
+
+def _motion(ctx: RunContext, n_source: int, cfg: dict[str, Any], out, series, notes) -> None:
+    if ctx.confounds is None:
+        notes.append("no confounds file: FD not computed")
+        return
+    columns, values = ctx.confounds
+    if not all(c in columns for c in MOTION_COLUMNS):
+        notes.append("confounds have no trans_x..rot_z columns: FD not computed")
+        return
+    if n_source < 2:
+        notes.append("a single frame: FD not computed")
+        return
+    if values.shape[0] != n_source:
+        notes.append(f"confounds have {values.shape[0]} rows for {n_source} frames: FD not computed")
+        return
+    fd = iqm.framewise_displacement(columns, values, radius_mm=float(cfg["fd_radius_mm"]))
+    out.update({k: _g(v) if isinstance(v, float) else v for k, v in iqm.fd_summary(fd, float(cfg["fd_threshold_mm"])).items()})
+    series["fd"] = _trace(fd)
+
+
+NULL_METRICS = (
+    "tsnr", "dvars_nstd", "dvars_std", "dvars_vstd", "fd_mean", "fd_num", "fd_perc", "gcor", "aor", "aqi",
+    "efc", "fber", "gsr",
+)
+
+
+def qa_outputs(ctx: RunContext, attrs: dict[str, Any]) -> dict[str, Any]:
+    """Run attributes ``{"qa": {...}}`` (``schemas/run.schema.json`` ``$defs/qa``), or ``{}`` when disabled.
+
+    A metric that cannot be computed is null with a note; an unexpected error in QA is
+    recorded as a warning and never fails the conversion (QA does not change the data).
+    """
+    cfg = qa_settings(ctx.recipe)
+    if cfg is None:
+        return {}
+    out: dict[str, Any] = {name: None for name in NULL_METRICS}
+    series: dict[str, Any] = {}
+    notes: list[str] = []
+    n_source = int(attrs["n_frames_source"])
+    try:
+        if ctx.spec.volume is not None:
+            _volume(ctx, out, series, notes)
+        else:
+            _surface(ctx, out, series, notes)
+        _motion(ctx, n_source, cfg, out, series, notes)
+    except Exception as exc:  # noqa: BLE001 - QA must not lose a conversion; the cause is kept
+        log.exception("QA of %s failed", ctx.spec.run_id)
+        ctx.warnings.append(f"qa: not computed ({type(exc).__name__}: {exc})")
+        return {}
+    out["frames_dropped"] = iqm.frames_dropped(n_source, float(attrs["source_tr_s"]), int(attrs["n_frames"]), float(attrs["tr_s"]))
+    out["n_frames_source"] = n_source
+    out["settings"] = {
+        "fd_threshold_mm": float(cfg["fd_threshold_mm"]),
+        "fd_radius_mm": float(cfg["fd_radius_mm"]),
+        "aor_q": iqm.OUTLIER_Q,
+        "nss_threshold": iqm.NSS_THRESHOLD,
+    }
+    out["notes"] = notes
+    out["series"] = series
+    return {"qa": out}
+
+
+# ---------------------------------------------------------------------------- recompute
+def _write_run_attrs(store, run_id: str, attrs: dict[str, Any]) -> None:
+    """Replace a committed run's attributes in one step: a rename on a local disk, one PUT on
+    object storage (a reader sees the old or the new ``zarr.json``, never a mix)."""
+    import json
+    import os
+    import secrets
+
+    from ..schema import to_json, validate
+    from ..store import RUNS, _is_local
+
+    attrs = to_json(attrs)
+    validate(attrs, "run", f"{store.url}/{RUNS}/{run_id}")
+    path = f"{store.path}/{RUNS}/{run_id}/zarr.json"
+    meta = json.loads(store.fs.cat_file(path))
+    meta["attributes"] = attrs
+    payload = json.dumps(meta, indent=2).encode()
+    if _is_local(store.fs):
+        tmp = f"{path}.{secrets.token_hex(4)}.tmp"
+        with open(tmp, "wb") as fh:
+            fh.write(payload)
+        os.replace(tmp, path)
+    else:
+        store.fs.pipe_file(path, payload)
+
+
+def recompute_qa(
+    store_url: str,
+    *,
+    bids_root: str | None = None,
+    derivatives: list[str] | None = None,
+    qa: dict[str, Any] | None = None,
+    run_ids: list[str] | None = None,
+    storage_options: dict[str, Any] | None = None,
+    progress: bool = False,
+) -> dict[str, str]:
+    """(Re)compute the ``qa`` attributes of a store's complete runs from their sources, without reconversion.
+
+    The BIDS dataset (local files) is discovered again (``bids_root``, default: the one the
+    store was converted from) and each run's source files are checked against the sha256 recorded
+    in its attributes first, so the metrics always describe the data that was converted.
+    Only the ``qa`` attribute changes (replaced atomically); arrays are not touched.
+    ``qa.parquet`` is rebuilt.
+
+    Args:
+        store_url: the store.
+        bids_root, derivatives: where the sources are (default: the store's ``bids_root``).
+        qa: settings overriding the store recipe's ``qa`` section (e.g. ``{"fd_threshold_mm": 0.2}``).
+        run_ids: only these runs (default: every complete run).
+        storage_options: fsspec options of the store.
+        progress: draw a progress bar.
+
+    Returns:
+        ``{run_id: "updated" | reason it was not}``.
+
+    Raises:
+        StoreError: not a store; FmriDataError: the dataset cannot be discovered.
+    """
+    from rich.progress import Progress
+
+    from ..discover import discover
+    from ..grids import Grid
+    from ..qa.table import write_qa_table
+    from ..read import file_sha256, read_confounds
+    from ..recipe import recipe_hash
+    from ..store import Store
+
+    store = Store.open(store_url, storage_options)
+    recipe = store.recipe
+    recipe["qa"] = {**(recipe.get("qa") or {}), **(qa or {}), "enabled": True}
+    root = bids_root or store.attrs.get("bids_root")
+    if not root:
+        raise ValueError(f"{store.url}: the store does not record its BIDS dataset; pass bids_root")
+    volume_cfg = recipe.get("volume") or {}
+    specs = {
+        s.run_id: s
+        for s in discover(root, derivatives=derivatives, space=recipe["inputs"].get("spaces"), prefer=recipe["inputs"]["prefer"],
+                          volume_space=volume_cfg.get("space"), volume_res=volume_cfg.get("resolution"))
+    }
+    wanted = run_ids or store.run_ids()
+    out: dict[str, str] = {}
+    with Progress(disable=not progress) as bar:
+        task = bar.add_task(f"QA of {len(wanted)} runs", total=len(wanted))
+        for run_id in wanted:
+            bar.advance(task)
+            attrs = store.run_attrs(run_id)
+            spec = specs.get(run_id)
+            if spec is None:
+                out[run_id] = f"not found in {root}"
+                continue
+            files = [s.path for s in spec.sources()] + [p for p in (spec.mask, spec.confounds) if p]
+            recorded = {s["path"]: s["sha256"] for s in attrs["sources"]}
+            changed = [p for p in files if p in recorded and file_sha256(p) != recorded[p]]
+            if changed or not any(p in recorded for p in files):
+                out[run_id] = f"sources differ from the converted ones: {', '.join(changed) or 'none of the files was converted'}"
+                continue
+            ctx = RunContext(spec, recipe, recipe_hash(recipe), None)
+            ctx.tr_in = float(attrs["source_tr_s"])
+            if "brain_mask" in attrs["outputs"] and "volume" in attrs:
+                ctx.mask = np.asarray(store.run(run_id)["brain_mask"][:], dtype=bool)
+                ctx.grid = Grid.from_affine(ctx.mask.shape, attrs["volume"]["affine"])
+            if spec.confounds:
+                ctx.confounds = read_confounds(spec.confounds)
+            result = qa_outputs(ctx, attrs)
+            if not result:
+                out[run_id] = "; ".join(ctx.warnings) or "QA disabled"
+                continue
+            _write_run_attrs(store, run_id, {**attrs, **result})
+            out[run_id] = "updated"
+    write_qa_table(store)
+    return out

@@ -1,0 +1,134 @@
+"""Frozen-encoder probes: features of a pre-trained model, then a linear or attentive classifier.
+
+- ``linear``: features mean-pooled over tokens ``(N, C)`` (or flattened), standardised on the training
+  split, multinomial logistic regression (scikit-learn ``LogisticRegression``, L2).
+- ``attentive``: a learned query cross-attends the frozen tokens ``(N, T, C)`` (one
+  multi-head attention layer, then a linear layer; as the attentive probes of V-JEPA,
+  arXiv 2404.08471), trained with AdamW on the training split.
+
+Windows come from :func:`fmri_data.train.data.family_index` (e.g. ``source="events"``:
+one window per event, starting at onset + HRF delay) and are split by run label values,
+so the test runs are never seen by the classifier.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from ..load import collate_windows
+from .configs import Config
+from .data import eval_dataset, family_index, prepare
+
+
+@dataclass
+class ProbeResult:
+    accuracy: float           # on the test windows
+    chance: float             # accuracy of always predicting the most frequent training class
+    n_train: int
+    n_test: int
+    classes: list[Any]
+
+    def __str__(self) -> str:
+        return (f"accuracy {self.accuracy:.3f} on {self.n_test} held-out windows "
+                f"({len(self.classes)} classes, chance {self.chance:.3f}; {self.n_train} training windows)")
+
+
+@torch.no_grad()
+def features(model: nn.Module, cfg: Config, index, device: torch.device, batch_size: int = 8) -> tuple[torch.Tensor, list]:
+    """Frozen tokens ``(N, T, C)`` float32 on CPU of every window of ``index``, and their labels."""
+    model.eval()
+    ds = eval_dataset(index, cfg)
+    feats, labels = [], []
+    for lo in range(0, len(ds), batch_size):
+        batch = collate_windows([ds[i] for i in range(lo, min(lo + batch_size, len(ds)))])
+        labels += batch["labels"]
+        feats.append(model.encode(prepare(batch, cfg, device, ds)).float().cpu())
+    return torch.cat(feats), labels
+
+
+def linear_probe(train_x: np.ndarray, train_y: np.ndarray, test_x: np.ndarray, seed: int = 0) -> np.ndarray:
+    """Predicted classes of ``test_x`` (N, C) from logistic regression on standardised features."""
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    clf = make_pipeline(StandardScaler(), LogisticRegression(max_iter=2000, random_state=seed))
+    return clf.fit(train_x, train_y).predict(test_x)
+
+
+class AttentiveProbe(nn.Module):
+    def __init__(self, dim: int, n_classes: int, heads: int = 1):
+        super().__init__()
+        self.query = nn.Parameter(torch.zeros(1, 1, dim))
+        self.norm = nn.LayerNorm(dim)
+        self.attn = nn.MultiheadAttention(dim, heads, batch_first=True)
+        self.head = nn.Linear(dim, n_classes)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        h = self.norm(tokens)
+        pooled, _ = self.attn(self.query.expand(tokens.shape[0], -1, -1), h, h)
+        return self.head(pooled[:, 0])
+
+
+def attentive_probe(train_x: torch.Tensor, train_y: np.ndarray, test_x: torch.Tensor, n_classes: int,
+                    epochs: int = 200, lr: float = 1e-3, seed: int = 0) -> np.ndarray:
+    """Predicted classes of ``test_x`` (N, T, C) from an attentive probe trained full-batch."""
+    torch.manual_seed(seed)
+    mean, std = train_x.mean((0, 1)), train_x.std((0, 1)).clamp_min(1e-6)
+    probe = AttentiveProbe(train_x.shape[-1], n_classes)
+    opt = torch.optim.AdamW(probe.parameters(), lr=lr, weight_decay=1e-2)
+    y = torch.as_tensor(train_y)
+    for _ in range(epochs):
+        loss = nn.functional.cross_entropy(probe((train_x - mean) / std), y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    with torch.no_grad():
+        return probe((test_x - mean) / std).argmax(-1).numpy()
+
+
+def run_probe(model: nn.Module, cfg: Config, url: str, *, label: str, test: dict[str, Any], kind: str = "linear",
+              pool: str = "mean", source: str = "events", where: dict[str, Any] | None = None,
+              device: str | torch.device = "cpu", seed: int = 0) -> ProbeResult:
+    """Probe a frozen ``model`` on label ``label`` of a store's windows.
+
+    Args:
+        test: label values of the held-out windows (``{"run": ["10", "11", "12"]}``); every
+            other window of the index trains the classifier.
+        kind: ``linear`` or ``attentive``; source: window source (``events``, ``sliding``).
+        pool: linear probe features: ``mean`` over tokens (C,) or ``flatten`` (T * C,) —
+            per-ROI tokens (fMRI-LM) keep their parcel identity only when flattened.
+        where: restrict the index (``{"task": "objectviewing"}``).
+
+    Raises:
+        ValueError: no windows, an unknown ``kind``, or a split without both train and test windows.
+    """
+    if kind not in ("linear", "attentive") or pool not in ("mean", "flatten"):
+        raise ValueError(f"probe kind must be linear or attentive and pool mean or flatten, not '{kind}', '{pool}'")
+    device = torch.device(device)
+    index = family_index(url, cfg, source=source, where=where)
+    tokens, labels = features(model.to(device), cfg, index, device)
+    y_all = [lab.get(label) for lab in labels]
+    held = np.array([all(str(lab.get(k)) in {str(v) for v in (vals if isinstance(vals, (list, tuple)) else [vals])}
+                         for k, vals in test.items()) for lab in labels])
+    has = np.array([v is not None for v in y_all])
+    tr, te = has & ~held, has & held
+    if not tr.any() or not te.any():
+        raise ValueError(f"probe split has {int(tr.sum())} training and {int(te.sum())} test windows labelled '{label}'")
+    classes = sorted({y_all[i] for i in np.flatnonzero(tr)}, key=str)
+    code = {c: k for k, c in enumerate(classes)}
+    te = te & np.array([v in code for v in y_all])
+    y = np.array([code.get(v, -1) for v in y_all])
+    if kind == "linear":
+        pooled = (tokens.mean(1) if pool == "mean" else tokens.flatten(1)).numpy()
+        pred = linear_probe(pooled[tr], y[tr], pooled[te], seed)
+    else:
+        pred = attentive_probe(tokens[tr], y[tr], tokens[te], len(classes), seed=seed)
+    majority = np.bincount(y[tr]).argmax()
+    return ProbeResult(float((pred == y[te]).mean()), float((y[te] == majority).mean()), int(tr.sum()), int(te.sum()),
+                       classes)
