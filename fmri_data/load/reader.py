@@ -22,6 +22,7 @@ import numpy as np
 
 from ..errors import FmriDataError
 from ..store import RUNS, Store
+from .chunks import direct_layout, read_frames, shard_index
 from .index import WindowIndex
 
 log = logging.getLogger("fmri_data.load")
@@ -64,13 +65,15 @@ class WindowReader:
         self._pid = None
         self._store: Store | None = None
         self._arrays: dict[int, Any] = {}
+        self._layouts: dict[int, Any] = {}  # run -> DirectLayout, or None to read through Zarr
+        self._shard_indexes: dict[tuple[int, int], np.ndarray] = {}
         self._missing: dict[int, dict[int, str]] = {}
         self._masks: dict[int, np.ndarray | None] = {}
         self._lock = threading.Lock()  # read-ahead threads open runs concurrently
 
     def __getstate__(self) -> dict[str, Any]:
         state = dict(self.__dict__)
-        for key in ("_pid", "_store", "_arrays", "_missing", "_masks", "_lock"):
+        for key in ("_pid", "_store", "_arrays", "_layouts", "_shard_indexes", "_missing", "_masks", "_lock"):
             state.pop(key, None)
         return state
 
@@ -94,6 +97,7 @@ class WindowReader:
                 entry = self.index.runs[r]
                 array = store.run(entry.run_id)[entry.array]
                 self._missing[r] = self._missing_shards(store, entry, array)
+                self._layouts[r] = direct_layout(array)
                 self._arrays[r] = array
         return self._arrays[r]
 
@@ -155,6 +159,8 @@ class WindowReader:
                     raise ChunkError(self.index.url, entry.run_id, entry.array, (a, min(a + entry.shard_frames, entry.n_frames)),
                                      f"{RUNS}/{entry.run_id}/{self._missing[r][t]}", "shard file missing")
             try:
+                if self._layouts[r] is not None:
+                    return self._read_direct(r, entry, start, stop, out)
                 if out is not None:
                     from zarr.core.buffer import default_buffer_prototype
 
@@ -170,6 +176,21 @@ class WindowReader:
             log.warning("skipping window %d (%s, frames [%d, %d)): %s", i, entry.run_id, start, stop, exc)
             self.skipped.append(str(exc))
             return None
+
+    def _read_direct(self, r: int, entry, start: int, stop: int, out: np.ndarray | None) -> np.ndarray:
+        """Frames ``[start, stop)`` decoded straight from the shard files (:mod:`.chunks`)."""
+        layout, fs = self._layouts[r], self.store().fs
+        if out is None:
+            out = np.empty((stop - start, *layout.chunk_shape[1:]), layout.dtype)
+        base = f"{self.store().path}/{RUNS}/{entry.run_id}/{entry.array}/c/"
+        rest = "".join("/0" for _ in entry.frame_shape)
+
+        def index(t: int) -> np.ndarray:
+            if (r, t) not in self._shard_indexes:
+                self._shard_indexes[(r, t)] = shard_index(fs, f"{base}{t}{rest}", layout)
+            return self._shard_indexes[(r, t)]
+
+        return read_frames(fs, lambda t: f"{base}{t}{rest}", index, layout, start, stop, out)
 
     def _locate(self, array, entry, start: int, stop: int, exc: Exception) -> ChunkError:
         """The first chunk of ``[start, stop)`` that cannot be read (chunk by chunk)."""
