@@ -23,6 +23,20 @@ from ..store import RunWriter
 BLOCK_BYTES = 256 * 2**20
 
 
+def frames_per_block(n_frames: int, values_per_frame: int) -> int:
+    """Frames of float32 source data per streamed block: at most :data:`BLOCK_BYTES`, at least 1."""
+    return max(1, min(int(n_frames), BLOCK_BYTES // (4 * int(values_per_frame))))
+
+
+def temporal_mean(vol) -> np.ndarray:
+    """``(X, Y, Z)`` float64 mean over time of a :class:`~fmri_data.read.VolumeSeries`
+    (NaN/inf counted as 0), streamed in blocks of :func:`frames_per_block` frames."""
+    total = np.zeros(vol.shape[:3], dtype=np.float64)
+    for _, _, block in vol.iter_frames(frames_per_block(vol.n_frames, np.prod(vol.shape[:3]))):
+        total += np.nan_to_num(block).sum(axis=3)
+    return total / vol.n_frames
+
+
 class LRU:
     """Small thread-safe LRU cache of operators keyed by geometry."""
 

@@ -37,7 +37,7 @@ from ..resample.operator import PreparedOperator
 from ..resample.temporal import resample_tr
 from ..store import RunWriter
 from ..surfaces import SurfaceFamily, cortex_from_dlabel, load_family
-from .context import BLOCK_BYTES, OPERATORS, RunContext, cached_atlas, check_finite, resample_device
+from .context import OPERATORS, RunContext, cached_atlas, check_finite, frames_per_block, resample_device
 
 #: Template spaces of surface data -> flat-map family.
 SPACE_FAMILY = {"fsaverage5": "fsaverage5", "fsLR": "fsLR"}
@@ -187,7 +187,7 @@ def flat_outputs(ctx: RunContext, writer: RunWriter, known: dict[str, Any]) -> d
                            "info": projection_info}, arrays + [projection.indptr, projection.indices]))
         if not op.mask.any():
             raise InputError(vol.path, f"the volume covers none of the {family.name} cortex (world coordinates)")
-        step = max(1, BLOCK_BYTES // (4 * int(np.prod(vol.shape[:3]))))
+        step = frames_per_block(vol.n_frames, np.prod(vol.shape[:3]))
         stage = op.vertex_stage if cfg["normalization"] == "vertex_zscore" else op.matrix
         apply_stage = PreparedOperator(stage, device=device)
         data = np.empty((stage.shape[0], vol.n_frames), dtype=np.float32)

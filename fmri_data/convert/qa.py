@@ -36,8 +36,8 @@ from ..derive import qa as iqm
 from ..derive.saliency import MOTION_COLUMNS
 from ..derive.volume import epi_mask
 from ..read import open_cifti, open_gifti_series, open_volume, read_image_3d
-from ..resample.spatial import grid_indices, resampling_matrix
-from .context import BLOCK_BYTES, RunContext
+from ..resample.spatial import resample_mask
+from .context import RunContext, frames_per_block, temporal_mean
 
 log = logging.getLogger(__name__)
 
@@ -65,24 +65,13 @@ def _trace(values: np.ndarray) -> list[float | None]:
 
 def _source_mask(ctx: RunContext, vol) -> tuple[np.ndarray, str]:
     """Brain mask on the source grid and where it came from."""
-    target = grid_indices(vol.shape[:3])
     if ctx.mask is not None and ctx.grid is not None:
-        back = resampling_matrix(ctx.grid.shape, ctx.grid.affine, target, vol.affine, order=0)
-        mask = (back @ ctx.mask.reshape(-1).astype(np.float64)) > 0.5
-        return mask.reshape(vol.shape[:3]), "stored brain_mask (nearest neighbour on the source grid)"
+        mask = resample_mask(ctx.mask, ctx.grid.affine, vol.shape[:3], vol.affine)
+        return mask, "stored brain_mask (nearest neighbour on the source grid)"
     if ctx.spec.mask:
         data, affine = read_image_3d(ctx.spec.mask)
-        near = resampling_matrix(data.shape, affine, target, vol.affine, order=0)
-        mask = (near @ (data.reshape(-1) > 0.5).astype(np.float64)) > 0.5
-        return mask.reshape(vol.shape[:3]), "desc-brain_mask file"
-    total = np.zeros(vol.shape[:3], dtype=np.float64)
-    for _, _, block in vol.iter_frames(_frames_per_block(vol.shape)):
-        total += np.nan_to_num(block).sum(axis=3)
-    return epi_mask(total / vol.n_frames, vol.affine), "EPI mask of the source mean (nilearn compute_epi_mask)"
-
-
-def _frames_per_block(shape) -> int:
-    return max(1, min(int(shape[3]), BLOCK_BYTES // (4 * int(np.prod(shape[:3])))))
+        return resample_mask(data, affine, vol.shape[:3], vol.affine), "desc-brain_mask file"
+    return epi_mask(temporal_mean(vol), vol.affine), "EPI mask of the source mean (nilearn compute_epi_mask)"
 
 
 def phase_encoding_axis(path: str, metadata: dict[str, Any]) -> tuple[int, str]:
@@ -136,7 +125,7 @@ def _volume(ctx: RunContext, out, series, notes) -> None:
     total = np.zeros(vol.shape[:3], dtype=np.float64)
     nonfinite = np.zeros(vol.shape[:3], dtype=bool)
     global_signal = np.empty(n_frames, dtype=np.float64)
-    for start, stop, block in vol.iter_frames(_frames_per_block(vol.shape)):
+    for start, stop, block in vol.iter_frames(frames_per_block(vol.n_frames, np.prod(vol.shape[:3]))):
         bad = ~np.isfinite(block)
         if bad.any():
             nonfinite |= bad.any(axis=3)

@@ -13,7 +13,7 @@ from ..read import open_cifti, open_gifti_series, resolve_tr
 from ..resample.operator import PreparedOperator
 from ..resample.temporal import resample_tr
 from ..store import RunWriter, roi_key
-from .context import BLOCK_BYTES, OPERATORS, RunContext, cached_atlas, check_finite, resample_device, write_roi
+from .context import OPERATORS, RunContext, cached_atlas, check_finite, frames_per_block, resample_device, write_roi
 
 
 def cifti_outputs(ctx: RunContext, writer: RunWriter, atlas_rois: bool) -> dict[str, Any]:
@@ -75,7 +75,7 @@ def gifti_outputs(ctx: RunContext, writer: RunWriter) -> dict[str, Any]:
         p = OPERATORS.get(key, lambda: surface_parcel_operator(atlas, left.space, n_vertices, left.path))
         out = np.empty((n_frames, p.matrix.shape[0]), dtype=np.float32)
         apply = PreparedOperator(p.matrix, device=device, dtype=np.float64)
-        step = max(1, BLOCK_BYTES // (4 * (n_vertices["L"] + n_vertices["R"])))
+        step = frames_per_block(n_frames, n_vertices["L"] + n_vertices["R"])
         for start in range(0, n_frames, step):
             stop = min(start + step, n_frames)
             block = np.vstack([series["L"].read(start, stop), series["R"].read(start, stop)])

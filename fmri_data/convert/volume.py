@@ -12,10 +12,11 @@ from ..errors import InputError
 from ..grids import Grid, template_grid
 from ..read import VolumeSeries, open_volume, read_image_3d, resolve_tr
 from ..resample.operator import PreparedOperator
-from ..resample.spatial import grid_indices, inside_source, resampling_matrix, source_coordinates
+from ..resample.spatial import grid_indices, inside_source, resample_mask, resampling_matrix, source_coordinates
 from ..resample.temporal import n_output_frames, resample_tr
 from ..store import RunWriter, roi_key
-from .context import BLOCK_BYTES, RunContext, cached_atlas, cached_parcel_operator, check_finite, resample_device, write_roi
+from .context import (RunContext, cached_atlas, cached_parcel_operator, check_finite, frames_per_block, resample_device,
+                      temporal_mean, write_roi)
 
 
 def _target_grid(volume_cfg: dict[str, Any]) -> Grid:
@@ -34,21 +35,12 @@ def _source_mask(ctx: RunContext, vol: VolumeSeries, mode: str, grid: Grid) -> t
         data, affine = read_image_3d(spec.mask)
         ctx.add_source(spec.mask, "mask", spec.volume.space if spec.volume else None, True)
     elif mode == "epi":
-        total = np.zeros(vol.shape[:3], dtype=np.float64)
-        for _, _, block in vol.iter_frames(_frames_per_block(vol)):
-            total += np.nan_to_num(block).sum(axis=3)
-        data, affine = epi_mask(total / vol.n_frames, vol.affine), vol.affine
+        data, affine = epi_mask(temporal_mean(vol), vol.affine), vol.affine
     elif mode == "nonzero":
         data, affine = np.nan_to_num(vol.read(0, 1)[..., 0]) != 0, vol.affine
     else:  # none
         data, affine = np.ones(vol.shape[:3], dtype=bool), vol.affine
-    nearest = resampling_matrix(data.shape, affine, grid_indices(grid.shape), grid.affine, order=0)
-    on_grid = (nearest @ (np.asarray(data).reshape(-1) > 0.5).astype(np.float64)) > 0.5
-    return on_grid.reshape(grid.shape), mode
-
-
-def _frames_per_block(vol: VolumeSeries) -> int:
-    return max(1, min(vol.n_frames, BLOCK_BYTES // (4 * int(np.prod(vol.shape[:3])))))
+    return resample_mask(data, affine, grid.shape, grid.affine), mode
 
 
 def volume_outputs(ctx: RunContext, writer: RunWriter) -> dict[str, Any]:
@@ -98,7 +90,7 @@ def volume_outputs(ctx: RunContext, writer: RunWriter) -> dict[str, Any]:
     apply_brain = PreparedOperator(op, device=device) if op is not None else None
     apply_parcels = [PreparedOperator(p.matrix, device=device, dtype=np.float64) for p in parcel_ops]
     policy = recipe["inputs"]["nan_policy"]
-    for start, stop, block in vol.iter_frames(_frames_per_block(vol)):
+    for start, stop, block in vol.iter_frames(frames_per_block(vol.n_frames, np.prod(vol.shape[:3]))):
         flat = check_finite(block, vol.path, start, policy).reshape(-1, stop - start)
         if apply_brain is not None:
             apply_brain(flat, out=brain[start:stop].T)

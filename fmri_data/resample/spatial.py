@@ -184,6 +184,25 @@ def resampling_matrix(
     return sp.csr_matrix((weight[keep], index[keep], indptr), shape=(len(coords), n_source))
 
 
+def resample_mask(
+    mask: np.ndarray, source_affine: np.ndarray, target_shape: tuple[int, int, int], target_affine: np.ndarray
+) -> np.ndarray:
+    """Nearest-neighbour resampling of a mask onto a target grid.
+
+    Args:
+        mask: ``(X, Y, Z)`` bool, or numbers (``> 0.5`` is inside).
+        source_affine: 4x4 voxel -> world (mm) of ``mask``.
+        target_shape: ``(X', Y', Z')``.
+        target_affine: 4x4 voxel -> world (mm) of the target grid.
+
+    Returns:
+        ``(X', Y', Z')`` bool; target voxels outside the source grid are False.
+    """
+    nearest = resampling_matrix(np.shape(mask), source_affine, grid_indices(target_shape), target_affine, order=0)
+    inside = (np.asarray(mask).reshape(-1) > 0.5).astype(np.float64)
+    return ((nearest @ inside) > 0.5).reshape(tuple(target_shape))
+
+
 def resample_volume(
     data: np.ndarray,
     source_affine: np.ndarray,
