@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import os
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -128,18 +129,38 @@ def _fsaverage(space: str) -> SurfaceFamily:
                          files=[f"nilearn.datasets.load_fsaverage('{space}')"])
 
 
+def _pycortex_database(cortex, subject: str):
+    """pycortex's subject database: its configured filestore, or the one installed with
+    this environment (``<sys.prefix>/share/pycortex/db``) when the configured folder does
+    not exist (pycortex records the folder of the environment that built or first imported
+    it, which a later environment may not have).
+
+    Raises:
+        InputError: neither folder exists.
+    """
+    db = cortex.db
+    if os.path.isdir(db.filestore):
+        return db
+    installed = os.path.join(sys.prefix, "share", "pycortex", "db")
+    if not os.path.isdir(installed):
+        raise InputError(f"pycortex:{subject}", f"pycortex database {db.filestore} does not exist "
+                         f"(set basic.filestore in {cortex.options.usercfg})")
+    return cortex.database.Database(installed)
+
+
 def _pycortex(subject: str) -> SurfaceFamily:
     try:
         import cortex  # noqa: PLC0415 - optional, heavy import
     except ImportError as exc:
         raise InputError(f"pycortex:{subject}", f"pycortex is not installed ({exc}); pip install pycortex") from exc
-    if subject not in cortex.db.subjects:
-        raise InputError(f"pycortex:{subject}", f"no pycortex subject '{subject}' (known: {', '.join(cortex.db.subjects)})")
+    db = _pycortex_database(cortex, subject)
+    if subject not in db.subjects:
+        raise InputError(f"pycortex:{subject}", f"no pycortex subject '{subject}' in {db.filestore} (known: {', '.join(db.subjects)})")
 
     def get(kind: str) -> dict[str, tuple[np.ndarray, np.ndarray]]:
         out = {}
         for hemi, name in (("L", "lh"), ("R", "rh")):
-            coords, faces = cortex.db.get_surf(subject, kind, hemisphere=name)
+            coords, faces = db.get_surf(subject, kind, hemisphere=name)
             out[hemi] = (np.asarray(coords, dtype=np.float64), np.asarray(faces, dtype=np.int64))
         return out
 

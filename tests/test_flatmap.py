@@ -166,6 +166,23 @@ def test_pycortex_subject_s1():
     assert op.mask.mean() > 0.3
 
 
+def test_pycortex_missing_filestore_falls_back_to_the_installed_database(tmp_path, monkeypatch):
+    """pycortex pins the filestore of the environment that built it; a stale one must not
+    break loading, and a missing database gives an error naming it."""
+    import sys
+
+    cortex = pytest.importorskip("cortex")
+    from fmri_data.errors import InputError
+    from fmri_data.surfaces import _pycortex_database
+
+    monkeypatch.setattr(cortex.db, "filestore", str(tmp_path / "gone"))
+    db = _pycortex_database(cortex, "S1")
+    assert db.filestore == f"{sys.prefix}/share/pycortex/db" and "S1" in db.subjects
+    monkeypatch.setattr(sys, "prefix", str(tmp_path))
+    with pytest.raises(InputError, match="gone"):
+        _pycortex_database(cortex, "S1")
+
+
 def test_projection_matches_nilearn_vol_to_surf(fsaverage5):
     import nibabel as nib
     from nilearn import surface
