@@ -17,10 +17,11 @@ epoch of shuffled windows in batches of 4 (``WindowDataset`` + ``WindowLoader``)
   map-style dataset loads the window's frames with one ``torch.load`` each and stacks
   them; same DataLoader, batch size and worker count.
 
-Each side runs two epochs with persistent workers and is timed on the second (steady
-state, as in training). By default the page cache of every file is dropped before each
-timed read (``fsync`` + ``posix_fadvise(DONTNEED)``), so every side reads from disk;
-``--warm`` keeps it.
+Each side runs one untimed epoch with persistent workers (steady state, as in training),
+then ``--repeat`` timed epochs; the raw read is repeated as often. The medians are printed
+(this machine's disk varies by tens of percent from one read to the next). By default the
+page cache of every file is dropped before each timed read (``fsync`` +
+``posix_fadvise(DONTNEED)``), so every side reads from disk; ``--warm`` keeps it.
 
 How MB/s is counted (1 MB = 10^6 bytes, per second of the timed epoch):
 
@@ -36,7 +37,7 @@ How MB/s is counted (1 MB = 10^6 bytes, per second of the timed epoch):
 The speed-up is windows/s of the loader over windows/s of the per-frame baseline at the
 same worker count (target >= 3x).
 
-    python benchmarks/bench_loader.py --runs 2 --frames 200
+    python benchmarks/bench_loader.py --runs 4 --frames 200
 """
 
 from __future__ import annotations
@@ -158,28 +159,43 @@ def write_frame_files(store: str, array: str, root: Path) -> dict[str, Path]:
     return out
 
 
-def _timed_epoch(loader, files, warm: bool, size) -> tuple[float, int]:
-    """Seconds and windows of the second epoch (the first starts the persistent workers)."""
+def _timed_epochs(loader, files, warm: bool, size, repeat: int) -> tuple[float, int]:
+    """Median seconds of ``repeat`` timed epochs, and windows per epoch; one untimed epoch
+    first starts the persistent workers and fills the buffer pools (steady state)."""
     for _ in loader:
         pass
-    if not warm:
-        drop_cache(files)
-    t0 = time.perf_counter()
-    n = sum(size(batch) for batch in loader)
-    return time.perf_counter() - t0, n
+    times, n = [], 0
+    for _ in range(repeat):
+        if not warm:
+            drop_cache(files)
+        t0 = time.perf_counter()
+        n = sum(size(batch) for batch in loader)
+        times.append(time.perf_counter() - t0)
+    return float(np.median(times)), n
 
 
-def measure_loader(index, layout: str, workers: int, files, warm: bool) -> tuple[float, int]:
-    ds = WindowDataset(index, batch_size=BATCH, seed=0, layout=layout, prefetch=4)
+def measure_loader(index, layout: str, workers: int, files, warm: bool, repeat: int, prefetch: int) -> tuple[float, int]:
+    ds = WindowDataset(index, batch_size=BATCH, seed=0, layout=layout, prefetch=prefetch)
     loader = WindowLoader(ds, num_workers=workers, persistent_workers=True, pin_memory=False)
-    return _timed_epoch(loader, files, warm, lambda b: int(b["data"].shape[0]))
+    return _timed_epochs(loader, files, warm, lambda b: int(b["data"].shape[0]), repeat)
 
 
-def measure_baseline(windows, length, volume, workers, files, warm) -> tuple[float, int]:
+def measure_baseline(windows, length, volume, workers, files, warm, repeat) -> tuple[float, int]:
     loader = torch.utils.data.DataLoader(FrameFiles(windows, length, volume), batch_size=BATCH, shuffle=True,
                                          num_workers=workers, persistent_workers=workers > 0,
                                          generator=torch.Generator().manual_seed(0))
-    return _timed_epoch(loader, files, warm, lambda b: int(b.shape[0]))
+    return _timed_epochs(loader, files, warm, lambda b: int(b.shape[0]), repeat)
+
+
+def measure_raw(files, warm: bool, repeat: int) -> float:
+    """Median MB/s of ``repeat`` sequential reads of ``files``."""
+    rates = []
+    for _ in range(repeat):
+        if not warm:
+            drop_cache(files)
+        sec, nbytes = raw_read(files)
+        rates.append(nbytes / sec / 1e6)
+    return float(np.median(rates))
 
 
 def main() -> None:
@@ -187,6 +203,8 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=2, help="runs in the synthetic store")
     parser.add_argument("--frames", type=int, default=200, help="frames per run")
     parser.add_argument("--workers", type=int, nargs="+", default=[0, 2, 4])
+    parser.add_argument("--repeat", type=int, default=5, help="timed epochs (and raw reads) per case; medians are printed")
+    parser.add_argument("--prefetch", type=int, default=4, help="the loader's read-ahead (windows per process)")
     parser.add_argument("--warm", action="store_true", help="keep the page cache (default: drop it before each read)")
     parser.add_argument("--dir", default=None, help="scratch folder (default: a temporary one)")
     parser.add_argument("--compression", default=None, metavar="CNAME:CLEVEL:SHUFFLE",
@@ -211,10 +229,7 @@ def main() -> None:
             files = array_files(store, array)
             store_bytes = sum(f.stat().st_size for f in files)
             window_bytes = index.length * int(np.prod(index.runs[0].frame_shape)) * 2
-            if not args.warm:
-                drop_cache(files)
-            raw_s, raw_bytes = raw_read(files)
-            raw_mb_s = raw_bytes / raw_s / 1e6
+            raw_mb_s = measure_raw(files, args.warm, args.repeat)
             frame_dirs = write_frame_files(store, array, tmp / "frames")
             frame_files = [p for d in frame_dirs.values() for p in d.iterdir()]
             windows = [(frame_dirs[index.run_id(i)], int(index.start[i])) for i in range(len(index))]
@@ -223,8 +238,8 @@ def main() -> None:
             print(f"  {'workers':>7}  {'loader win/s':>12} {'stored MB/s':>11} {'vs raw':>6} {'decoded MB/s':>12}"
                   f"   {'per-frame win/s':>15} {'MB/s':>6} {'speed-up':>8}")
             for workers in args.workers:
-                sec, n = measure_loader(index, layout, workers, files, args.warm)
-                base_sec, base_n = measure_baseline(windows, length, volume, workers, frame_files, args.warm)
+                sec, n = measure_loader(index, layout, workers, files, args.warm, args.repeat, args.prefetch)
+                base_sec, base_n = measure_baseline(windows, length, volume, workers, frame_files, args.warm, args.repeat)
                 rate, base_rate = n / sec, base_n / base_sec
                 stored_mb_s = store_bytes * n / len(index) / sec / 1e6
                 print(f"  {workers:>7}  {rate:>12.1f} {stored_mb_s:>11.0f} {stored_mb_s / raw_mb_s:>6.0%} {rate * window_bytes / 1e6:>12.0f}"

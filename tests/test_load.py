@@ -19,6 +19,7 @@ from fmri_data.load import (
     layout, normalize_frames, rank_positions, sliding_starts, split_of, worker_positions,
 )
 from fmri_data.load.index import split_key
+from fmri_data.load.reader import WindowReader
 from fmri_data.errors import StoreError
 from fmri_data.store import Store
 
@@ -307,6 +308,14 @@ def test_corrupt_or_missing_shard_is_named_or_skipped(real_store, tmp_path, capl
     assert sum("shard file missing" in r.getMessage() for r in caplog.records) == 5
     ds = WindowDataset(bold, batch_size=2, shuffle=False, on_error="skip")
     assert [i for b in ds for i in b["index"].tolist()] == [0, 1, 2, 3, 4]
+    # in workers too, where the batch missing a window is a copy and its reused buffer goes back
+    reader = WindowReader(bold)
+    for _ in range(2):
+        batches = list(WindowLoader(ds, num_workers=2, persistent_workers=True))
+        assert [i for b in batches for i in b["index"].tolist()] == [0, 1, 2, 3, 4]
+        for b in batches:
+            for row, i in zip(b["data"], b["index"].tolist()):
+                np.testing.assert_array_equal(row.numpy(), reader.read(i))
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")

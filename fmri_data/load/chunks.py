@@ -22,6 +22,7 @@ and enabling them switches numcodecs to Blosc's global, lock-serialised context.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from typing import Any
 
@@ -100,6 +101,20 @@ def shard_index(fs, path: str, layout: DirectLayout) -> np.ndarray:
     return np.frombuffer(_checked(data, f"{path} (shard index)"), dtype="<u8").reshape(n, 2)
 
 
+def chunk_spans(index, layout: DirectLayout, start: int, stop: int) -> list[tuple[int, int, int, int]]:
+    """``(k, t, offset, nbytes)`` of each chunk holding frames ``[start, stop)``: chunk number
+    ``k`` (frames ``[k * chunk_frames, (k + 1) * chunk_frames)``), its time shard ``t`` and its
+    byte range in that shard file (both :data:`EMPTY` for a chunk never written).
+    ``index(t)`` gives shard ``t``'s table (:func:`shard_index`)."""
+    c, per = layout.chunk_frames, layout.chunks_per_shard
+    spans = []
+    for k in range(start // c, (stop - 1) // c + 1):
+        t, j = divmod(k, per)
+        offset, nbytes = (int(v) for v in index(t)[j])
+        spans.append((k, t, offset, nbytes))
+    return spans
+
+
 def read_frames(fs, shard_path, index, layout: DirectLayout, start: int, stop: int, out: np.ndarray) -> np.ndarray:
     """Decode frames ``[start, stop)`` into ``out`` (C-contiguous, ``(stop - start, *frame_shape)``).
 
@@ -116,12 +131,10 @@ def read_frames(fs, shard_path, index, layout: DirectLayout, start: int, stop: i
         ValueError: a chunk fails its CRC-32C or does not decompress to a whole chunk.
         RuntimeError: Blosc cannot decompress a chunk.
     """
-    c, per = layout.chunk_frames, layout.chunks_per_shard
+    c = layout.chunk_frames
     scratch = None
-    for k in range(start // c, (stop - 1) // c + 1):
+    for k, t, offset, nbytes in chunk_spans(index, layout, start, stop):
         a, b = k * c, (k + 1) * c
-        t, j = divmod(k, per)
-        offset, nbytes = (int(v) for v in index(t)[j])
         lo, hi = max(a, start), min(b, stop)
         dest = out[lo - start:hi - start]
         if offset == EMPTY and nbytes == EMPTY:
@@ -137,3 +150,16 @@ def read_frames(fs, shard_path, index, layout: DirectLayout, start: int, stop: i
             numcodecs.blosc.decompress(body, scratch)
             dest[...] = scratch[lo - a:hi - a]
     return out
+
+
+def will_need(path: str, offset: int, nbytes: int) -> None:
+    """Ask the kernel to start reading bytes ``[offset, offset + nbytes)`` of a local file into
+    the page cache in the background (``posix_fadvise(POSIX_FADV_WILLNEED)``); a no-op where
+    the platform has no ``posix_fadvise``. Raises OSError when the file cannot be opened."""
+    if not hasattr(os, "posix_fadvise"):
+        return
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.posix_fadvise(fd, offset, nbytes, os.POSIX_FADV_WILLNEED)
+    finally:
+        os.close(fd)

@@ -32,7 +32,7 @@ with optional frame-wise z-scoring and clamping.
 
 from __future__ import annotations
 
-import math
+import os
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator
 
@@ -40,6 +40,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, IterableDataset, get_worker_info
 
+from .buffers import BufferPool, SlotTable, shared_empty
 from .index import WindowIndex
 from .order import epoch_order, rank_positions, worker_positions
 from .reader import WindowReader
@@ -139,15 +140,6 @@ def _encode_targets(codec: dict[str, dict[Any, int] | None], labels: list[dict[s
     return out
 
 
-def _shared_empty(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
-    """An uninitialised tensor allocated in shared memory (a worker hands it over without a copy)."""
-    try:
-        storage = torch.UntypedStorage._new_shared(math.prod(shape) * dtype.itemsize)
-        return torch.empty(0, dtype=dtype).set_(storage, 0, shape)
-    except (AttributeError, RuntimeError, TypeError):  # private API: fall back to a copy into shared memory
-        return torch.empty(shape, dtype=dtype).share_memory_()
-
-
 class _Windows:
     """What both datasets share: the index, a reader, the layout, label encoding."""
 
@@ -169,7 +161,7 @@ class _Windows:
             return torch.empty(shape, dtype=self.dtype, pin_memory=True)
         if get_worker_info() is None:
             return torch.empty(shape, dtype=self.dtype)
-        return _shared_empty(shape, self.dtype)
+        return shared_empty(shape, self.dtype)
 
     def _batch(self, buf: torch.Tensor, ids: list[int], ok: list[bool]) -> dict[str, Any]:
         if not all(ok):
@@ -257,6 +249,13 @@ class WindowDataset(_Windows, IterableDataset):
         # _position, which the main process advances while workers are still starting.
         self._start = torch.zeros(2, dtype=torch.int64).share_memory_()
         self._managed = False  # True when a WindowLoader counts consumption
+        self._slot_state: torch.Tensor | None = None  # (workers, slots) buffer states, set by a WindowLoader
+        self._pools: tuple[int, dict[int, BufferPool]] = (-1, {})  # (pid, {batch size: pool})
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = dict(self.__dict__)
+        state["_pools"] = (-1, {})  # buffers belong to the process that made them
+        return state
 
     # ------------------------------------------------------------------ order
     def windows_of_epoch(self, epoch: int) -> np.ndarray:
@@ -324,15 +323,38 @@ class WindowDataset(_Windows, IterableDataset):
         if counting:
             self._advance(0, True)
 
+    def _pool(self, n: int) -> BufferPool:
+        """This process's pool of ``n``-window batch buffers (see :mod:`.buffers`)."""
+        pid, pools = self._pools
+        if pid != os.getpid():
+            pools = {}
+            self._pools = (os.getpid(), pools)
+        if n not in pools:
+            info = get_worker_info()
+            shape = (n, self.index.length, *self.frame_shape)
+            ahead = -(-self.prefetch // self.batch_size)  # batches the read-ahead fills at once
+            if info is None:  # the caller holds the batch it got and maybe the one before
+                pools[n] = BufferPool(shape, self.dtype, ahead + 3, lambda sh, dt: torch.empty(sh, dtype=dt))
+            else:
+                state = self._slot_state[info.id]
+                pools[n] = BufferPool(shape, self.dtype, state.numel(), shared_empty, state)
+        return pools[n]
+
     def _batches(self, windows: np.ndarray, pinned: bool) -> Iterator[dict[str, Any]]:
         b = self.batch_size
-        buffers: dict[int, torch.Tensor] = {}
+        info = get_worker_info()
+        # Workers reuse buffers only when a WindowLoader tells them which ones the consumer let go.
+        pooled = not pinned and (info is None or self._slot_state is not None)
+        if pooled:
+            self._pool(b).reclaim()
+        buffers: dict[int, tuple[torch.Tensor, int]] = {}  # batch -> (buffer, pool slot or -1)
 
         def alloc(pos: int) -> np.ndarray:
             k = pos // b
             if k not in buffers:
-                buffers[k] = self._alloc(min(b, len(windows) - k * b), pinned)
-            return buffers[k][pos - k * b].numpy()
+                n = min(b, len(windows) - k * b)
+                buffers[k] = self._pool(n).take() if pooled and n == b else (self._alloc(n, pinned), -1)
+            return buffers[k][0][pos - k * b].numpy()
 
         ids: list[int] = []
         ok: list[bool] = []
@@ -340,9 +362,19 @@ class WindowDataset(_Windows, IterableDataset):
         for pos, window in self.reader.read_ahead(items, self.prefetch, alloc):
             ids.append(int(windows[pos]))
             ok.append(window is not None)
-            if len(ids) == buffers[pos // b].shape[0]:
-                yield self._batch(buffers.pop(pos // b), ids, ok)
+            if len(ids) == buffers[pos // b][0].shape[0]:
+                buf, slot = buffers.pop(pos // b)
+                batch = self._batch(buf, ids, ok)
+                if slot >= 0 and info is not None:
+                    pool = self._pool(b)
+                    if pool.owns(batch["data"], slot):
+                        batch["buffer"] = (info.id, slot)  # the WindowLoader reports when it is free
+                    else:  # windows were skipped: the batch is a copy
+                        pool.release(slot)
+                del buf, window
                 ids, ok = [], []
+                yield batch
+                del batch  # the pool sees the buffer free once the caller drops it
 
 
 # ---------------------------------------------------------------------------- map-style
@@ -413,13 +445,25 @@ class WindowLoader:
         )
         if num_workers == 0:
             dataset.pin_memory = dataset.pin_memory or pin
+        # Workers' batch buffers: in flight (prefetch_factor), being filled by the read-ahead,
+        # and the two the caller may still hold (the batch it has and the one before).
+        in_flight = prefetch_factor if prefetch_factor is not None else 2
+        ahead = -(-dataset.prefetch // dataset.batch_size)
+        self._slots = SlotTable(num_workers, in_flight + ahead + 3) if num_workers > 0 else None
+        dataset._slot_state = self._slots.table if self._slots is not None else None
 
     def __len__(self) -> int:
         return len(self.dataset)
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         self.dataset._start.copy_(self.dataset._position)  # before any worker reads it
+        slots = self._slots
+        if slots is not None and not self.loader.persistent_workers:
+            slots.reset()  # new worker processes, empty pools
         for batch in self.loader:
+            if slots is not None:
+                slots.collect()
+                slots.received(batch.pop("buffer", None), batch["data"])
             self.dataset._advance(batch["span"], False)
             if len(batch["index"]):  # empty when every window of the batch was skipped (on_error="skip")
                 yield batch

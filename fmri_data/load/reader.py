@@ -19,10 +19,11 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Iterable, Iterator
 
 import numpy as np
+from fsspec.implementations.local import LocalFileSystem
 
 from ..errors import FmriDataError
 from ..store import RUNS, Store
-from .chunks import direct_layout, read_frames, shard_index
+from .chunks import EMPTY, chunk_spans, direct_layout, read_frames, shard_index, will_need
 from .index import WindowIndex
 
 log = logging.getLogger("fmri_data.load")
@@ -64,6 +65,7 @@ class WindowReader:
     def _reset(self) -> None:
         self._pid = None
         self._store: Store | None = None
+        self._local = False
         self._arrays: dict[int, Any] = {}
         self._layouts: dict[int, Any] = {}  # run -> DirectLayout, or None to read through Zarr
         self._shard_indexes: dict[tuple[int, int], np.ndarray] = {}
@@ -73,7 +75,7 @@ class WindowReader:
 
     def __getstate__(self) -> dict[str, Any]:
         state = dict(self.__dict__)
-        for key in ("_pid", "_store", "_arrays", "_layouts", "_shard_indexes", "_missing", "_masks", "_lock"):
+        for key in ("_pid", "_store", "_local", "_arrays", "_layouts", "_shard_indexes", "_missing", "_masks", "_lock"):
             state.pop(key, None)
         return state
 
@@ -87,6 +89,7 @@ class WindowReader:
         if self._pid != os.getpid():
             self._reset()
             self._store = Store.open(self.index.url, self.index.storage_options)
+            self._local = isinstance(self._store.fs, LocalFileSystem)
             self._pid = os.getpid()
         return self._store
 
@@ -177,20 +180,39 @@ class WindowReader:
             self.skipped.append(str(exc))
             return None
 
+    def _shard_path(self, r: int, t: int) -> str:
+        entry = self.index.runs[r]
+        return f"{self.store().path}/{RUNS}/{entry.run_id}/{entry.array}/c/{t}" + "".join("/0" for _ in entry.frame_shape)
+
+    def _shard_index(self, r: int, t: int) -> np.ndarray:
+        if (r, t) not in self._shard_indexes:
+            self._shard_indexes[(r, t)] = shard_index(self.store().fs, self._shard_path(r, t), self._layouts[r])
+        return self._shard_indexes[(r, t)]
+
     def _read_direct(self, r: int, entry, start: int, stop: int, out: np.ndarray | None) -> np.ndarray:
         """Frames ``[start, stop)`` decoded straight from the shard files (:mod:`.chunks`)."""
-        layout, fs = self._layouts[r], self.store().fs
+        layout = self._layouts[r]
         if out is None:
             out = np.empty((stop - start, *layout.chunk_shape[1:]), layout.dtype)
-        base = f"{self.store().path}/{RUNS}/{entry.run_id}/{entry.array}/c/"
-        rest = "".join("/0" for _ in entry.frame_shape)
+        return read_frames(self.store().fs, lambda t: self._shard_path(r, t), lambda t: self._shard_index(r, t),
+                           layout, start, stop, out)
 
-        def index(t: int) -> np.ndarray:
-            if (r, t) not in self._shard_indexes:
-                self._shard_indexes[(r, t)] = shard_index(fs, f"{base}{t}{rest}", layout)
-            return self._shard_indexes[(r, t)]
-
-        return read_frames(fs, lambda t: f"{base}{t}{rest}", index, layout, start, stop, out)
+    def advise(self, i: int) -> None:
+        """Start reading window ``i``'s chunk bytes into the page cache in the background
+        (local stores that :mod:`.chunks` decodes directly; otherwise nothing). Never raises:
+        a window that cannot be read fails, with its :class:`ChunkError`, when it is read."""
+        r, start = int(self.index.run[i]), int(self.index.start[i])
+        try:
+            self._array(r)
+            if self._layouts[r] is None or not self._local:
+                return
+            stop = start + self.index.length
+            missing = self._missing[r]
+            for _, t, offset, nbytes in chunk_spans(lambda t: self._shard_index(r, t), self._layouts[r], start, stop):
+                if t not in missing and offset != EMPTY:
+                    will_need(self._shard_path(r, t), offset, nbytes)
+        except Exception as exc:  # noqa: BLE001 - only a hint; read() reports the problem
+            log.debug("no read-ahead for window %d: %s", i, exc)
 
     def _locate(self, array, entry, start: int, stop: int, exc: Exception) -> ChunkError:
         """The first chunk of ``[start, stop)`` that cannot be read (chunk by chunk)."""
@@ -211,7 +233,9 @@ class WindowReader:
 
         ``depth=0`` reads synchronously. ``alloc(key)`` may return the output array of a
         window (see :meth:`read`). The buffer is bounded: at most ``depth`` windows are in
-        flight or read but not yet taken.
+        flight or read but not yet taken. The chunk bytes of the ``depth`` windows after
+        those are requested from the kernel in advance (:meth:`advise`), so the disk reads
+        while the threads decode.
         """
         items = iter(items)
         if depth <= 0:
@@ -219,10 +243,21 @@ class WindowReader:
                 yield key, self.read(i, alloc(key) if alloc else None)
             return
         self.store()  # open once, before the threads
+        advised: deque = deque()
+
+        def upcoming() -> Iterator[tuple[Any, int]]:
+            for item in items:
+                self.advise(item[1])
+                advised.append(item)
+                if len(advised) > depth:
+                    yield advised.popleft()
+            while advised:
+                yield advised.popleft()
+
         with ThreadPoolExecutor(max_workers=depth, thread_name_prefix="fmri-data-read") as pool:
             pending: deque = deque()
             try:
-                for key, i in items:
+                for key, i in upcoming():
                     pending.append((key, pool.submit(self.read, i, alloc(key) if alloc else None)))
                     if len(pending) >= depth:
                         first, future = pending.popleft()
