@@ -2,13 +2,14 @@
 against (a) a raw sequential read of the same store files and (b) a NeuroSTORM-style
 baseline of one ``torch.load`` per frame file.
 
-Input: a store written here through the real store writer (``fmri_data.store``, the
-default recipe's layout: float16, chunks of 20 frames, shards of 5 chunks, the recipe's
-``store.compression`` (Blosc lz4hc level 5 + byte shuffle; ``--compression zstd:3:shuffle``
-to compare) + CRC-32C) with synthetic values: a brain-shaped ellipsoid of smooth signal
-plus noise, 0 outside (volumes, ``bold (T, 96, 96, 96)``), and a flat map of the same kind
-(``flat (T, 224, 560)`` + ``flat_mask``). Runs are read as training would read them: one
-epoch of shuffled windows in batches of 4 (``WindowDataset`` + ``WindowLoader``).
+Input: ds-real from ``../shared/data`` converted here through the real converter: the
+default recipe's store (every volume run, ``bold (T, 96, 96, 96)`` float16 in MNI 2 mm,
+chunks of 20 frames, shards of 5 chunks) and the ``flat_mae`` recipe's store of the
+fsaverage5 resting-state run (``flat (912, 224, 560)`` float16, chunks of 16 frames), both
+with the recipes' ``store.compression`` (Blosc lz4hc level 5 + byte shuffle;
+``--compression lz4:5:noshuffle`` to compare) + CRC-32C. Runs are read as training would
+read them: epochs of shuffled windows in batches of 4 (``WindowDataset`` + ``WindowLoader``,
+``--prefetch`` windows read ahead per process).
 
 - raw read ("the physical limit"): every shard file of the windowed array read
   sequentially in 4 MiB blocks, nothing decoded; MB/s of file bytes.
@@ -37,7 +38,7 @@ How MB/s is counted (1 MB = 10^6 bytes, per second of the timed epoch):
 The speed-up is windows/s of the loader over windows/s of the per-frame baseline at the
 same worker count (target >= 3x).
 
-    python benchmarks/bench_loader.py --runs 4 --frames 200
+    python benchmarks/bench_loader.py
 """
 
 from __future__ import annotations
@@ -56,50 +57,26 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from fmri_data.load import WindowDataset, WindowLoader, build_index  # noqa: E402
-from fmri_data.recipe import load_recipe, recipe_hash  # noqa: E402
 from fmri_data.store import Store  # noqa: E402
 
 BATCH = 4
 
 
-def _smooth_frames(rng, shape, mask, frames, start):
-    """Frames ``[start, start + n)`` of a synthetic series: a fixed spatial pattern inside
-    ``mask``, a slow sine per voxel, noise; float16, 0 outside the mask."""
-    base = rng.standard_normal(shape).astype(np.float32)
-    out = np.zeros((frames, *shape), dtype=np.float16)
-    for t in range(frames):
-        value = base * np.sin(0.1 * (start + t)) + 0.3 * rng.standard_normal(shape).astype(np.float32)
-        out[t] = np.where(mask, value, 0)
-    return out
+def make_stores(root: Path, data: Path, compression: dict | None) -> tuple[str, str]:
+    """Convert ds-real with the default recipe (every volume run: ``bold (T, 96, 96, 96)``)
+    and its fsaverage5 resting-state run with the ``flat_mae`` recipe (``flat (912, 224,
+    560)``); ``compression`` overrides both recipes' ``store.compression``."""
+    from fmri_data.convert import convert
 
-
-def make_store(path: Path, runs: int, frames: int, compression: dict | None = None) -> str:
-    recipe = load_recipe("default")
-    if compression is not None:
-        recipe["store"]["compression"] = compression
-    store = Store.create(str(path), recipe, recipe_hash(recipe))
-    compression = recipe["store"]["compression"]
-    ijk = np.indices((96, 96, 96)).reshape(3, -1).T
-    brain = ((((ijk - 48) / np.array([36, 44, 34])) ** 2).sum(axis=1) <= 1.0).reshape(96, 96, 96)
-    yy, xx = np.mgrid[0:224, 0:560]
-    flat_mask = ((((yy - 112) / 100) ** 2 + ((xx % 280 - 140) / 130) ** 2) <= 1.0)
-    for r in range(runs):
-        run_id = f"sub-{r:02d}_task-rest"
-        writer = store.begin_run(run_id)
-        rng = np.random.default_rng(r)
-        writer.write_series("bold", frames, (96, 96, 96), "float16", 20, 5, compression,
-                            lambda a, b: _smooth_frames(rng, (96, 96, 96), brain, b - a, a), dimension_names=("time", "x", "y", "z"))
-        writer.write_array("brain_mask", brain, compression)
-        writer.write_series("flat", frames, (224, 560), "float16", 16, 5, compression,
-                            lambda a, b: _smooth_frames(rng, (224, 560), flat_mask, b - a, a), dimension_names=("time", "y", "x"))
-        writer.write_array("flat_mask", flat_mask, compression)
-        writer.commit({
-            "run_id": run_id, "entities": {"sub": f"{r:02d}", "task": "rest"}, "tr_s": 0.8, "source_tr_s": 0.8,
-            "n_frames": frames, "n_frames_source": frames, "recipe_hash": recipe_hash(recipe), "warnings": [],
-            "sources": [{"path": "synthetic", "kind": "volume", "space": None, "derivative": True, "sha256": "0" * 64}],
-            "software": {"fmri_data": "bench"}, "created": "bench",
-        })
-    return str(path)
+    overrides = [f"store.compression.{k}={v}" for k, v in (compression or {}).items()]
+    bids, atlases = data / "bids" / "ds-real", str(data / "atlases")
+    volume = convert(bids, str(root / "volume.zarr"), "default", overrides=overrides, atlas_dir=atlases, progress=False)
+    flat = convert(bids, str(root / "flat.zarr"), "flat_mae", overrides=overrides, atlas_dir=atlases,
+                   participant_label=["010188"], progress=False)
+    for report in (volume, flat):
+        if report.failed:
+            raise SystemExit(f"conversion failed: {[r.error for r in report.failed]}")
+    return str(root / "volume.zarr"), str(root / "flat.zarr")
 
 
 def array_files(store: str, array: str) -> list[Path]:
@@ -144,10 +121,10 @@ class FrameFiles(torch.utils.data.Dataset):
         return torch.stack(frames, dim=-1).unsqueeze(0) if self.volume else torch.stack(frames).unsqueeze(0)
 
 
-def write_frame_files(store: str, array: str, root: Path) -> dict[str, Path]:
+def write_frame_files(store: str, array: str, run_ids, root: Path) -> dict[str, Path]:
     s = Store.open(store)
     out = {}
-    for run_id in s.run_ids():
+    for run_id in run_ids:
         folder = root / array / run_id
         folder.mkdir(parents=True)
         values = s.run(run_id)[array]
@@ -200,8 +177,8 @@ def measure_raw(files, warm: bool, repeat: int) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--runs", type=int, default=2, help="runs in the synthetic store")
-    parser.add_argument("--frames", type=int, default=200, help="frames per run")
+    parser.add_argument("--data", type=Path, default=REPO.parent / "shared" / "data",
+                        help="the shared data folder (holds bids/ds-real and atlases)")
     parser.add_argument("--workers", type=int, nargs="+", default=[0, 2, 4])
     parser.add_argument("--repeat", type=int, default=5, help="timed epochs (and raw reads) per case; medians are printed")
     parser.add_argument("--prefetch", type=int, default=4, help="the loader's read-ahead (windows per process)")
@@ -218,19 +195,20 @@ def main() -> None:
     with tempfile.TemporaryDirectory(dir=args.dir) as tmp:
         tmp = Path(tmp)
         t0 = time.perf_counter()
-        store = make_store(tmp / "bench.zarr", args.runs, args.frames, compression)
-        codec = Store.open(store).recipe["store"]["compression"]
-        print(f"store: {args.runs} runs x {args.frames} frames (bold 96^3 and flat 224x560, float16), "
-              f"Blosc {codec['cname']} {codec['clevel']} {codec['shuffle']}, written in {time.perf_counter() - t0:.0f} s;"
+        stores = make_stores(tmp, args.data, compression)
+        codec = Store.open(stores[0]).recipe["store"]["compression"]
+        print(f"stores: ds-real converted in {time.perf_counter() - t0:.0f} s (default recipe: every volume run;"
+              f" flat_mae: the fsaverage5 run), Blosc {codec['cname']} {codec['clevel']} {codec['shuffle']};"
               f" {os.cpu_count()} CPUs, page cache {'warm' if args.warm else 'dropped before each read'}")
-        cases = [("volume 96^3 x 20", "bold", 20, "neurostorm", True), ("flat 224x560 x 16", "flat", 16, "flat", False)]
-        for name, array, length, layout, volume in cases:
+        cases = [("volume 96^3 x 20", stores[0], "bold", 20, "neurostorm", True),
+                 ("flat 224x560 x 16", stores[1], "flat", 16, "flat", False)]
+        for name, store, array, length, layout, volume in cases:
             index = build_index(store, length, length, array=array)
             files = array_files(store, array)
             store_bytes = sum(f.stat().st_size for f in files)
             window_bytes = index.length * int(np.prod(index.runs[0].frame_shape)) * 2
             raw_mb_s = measure_raw(files, args.warm, args.repeat)
-            frame_dirs = write_frame_files(store, array, tmp / "frames")
+            frame_dirs = write_frame_files(store, array, [r.run_id for r in index.runs], tmp / "frames")
             frame_files = [p for d in frame_dirs.values() for p in d.iterdir()]
             windows = [(frame_dirs[index.run_id(i)], int(index.start[i])) for i in range(len(index))]
             print(f"\n{name}: {len(index)} windows of {window_bytes / 1e6:.1f} MB; store files {store_bytes / 1e6:.0f} MB "

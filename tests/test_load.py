@@ -362,7 +362,7 @@ def test_memory_filesystem_store_gives_the_local_windows(real_store, tmp_path):
         fs.rm("/loader-test.zarr", recursive=True)
 
 
-def test_direct_chunk_decoding_equals_zarr_reads(real_store, tmp_path):
+def test_direct_chunk_decoding_equals_zarr_reads(real_store, tmp_path, monkeypatch):
     """Frames decoded straight from shard files (fmri_data.load.chunks) equal Zarr's reads:
     windows across chunk and shard borders, the short edge chunk, never-written chunks.
     The small array is synthetic so that one chunk is all fill value (Zarr then writes none)."""
@@ -380,6 +380,23 @@ def test_direct_chunk_decoding_equals_zarr_reads(real_store, tmp_path):
     for i in range(len(index)):
         s = int(index.start[i])
         np.testing.assert_array_equal(reader.read(i), bold[s:s + 21])
+    # read-ahead hints ask the kernel for exactly the byte ranges read() reads
+    import fmri_data.load.reader as reader_module
+
+    hinted, read = [], []
+    monkeypatch.setattr(reader_module, "will_need", lambda path, offset, nbytes: hinted.append((path, offset, nbytes)))
+    cat_file = reader.store().fs.cat_file
+
+    def recording_cat_file(path, start=None, end=None):
+        if end is not None:  # a chunk (the shard index is read from the end: start < 0, no end)
+            read.append((path, start, end - start))
+        return cat_file(path, start=start, end=end)
+
+    monkeypatch.setattr(reader.store().fs, "cat_file", recording_cat_file)
+    i = 19  # frames [95, 116): chunk 4 (the last of shard 0) and chunk 5 (the first of shard 1)
+    reader.advise(i)
+    reader.read(i)
+    assert len(hinted) == 2 and hinted[0][0] != hinted[1][0] and hinted == read
 
     values = np.arange(38 * 3 * 4, dtype=np.float16).reshape(38, 3, 4)
     values[10:15] = 0  # chunk 2 = fill value

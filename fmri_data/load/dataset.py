@@ -25,7 +25,9 @@ Layouts of ``data`` (``L`` = window length, one window ``(L, *frame)`` as stored
 Each window is decoded straight into the batch buffer: a pinned tensor when the dataset is
 iterated in the training process with ``pin_memory=True`` on a CUDA machine, a shared
 memory tensor inside DataLoader workers (handed to the main process without a copy; the
-DataLoader's ``pin_memory`` pins it). The CPU does no arithmetic on the values:
+DataLoader's ``pin_memory`` pins it). Unpinned buffers are reused once nothing refers to a
+batch any more (:mod:`.buffers`; in workers only under a :class:`WindowLoader`, which tells
+them), so decoding does not pay for page faults on fresh memory. The CPU does no arithmetic on the values:
 :meth:`WindowDataset.to_device` moves a batch to the GPU and converts it to float32 there,
 with optional frame-wise z-scoring and clamping.
 """
@@ -250,11 +252,11 @@ class WindowDataset(_Windows, IterableDataset):
         self._start = torch.zeros(2, dtype=torch.int64).share_memory_()
         self._managed = False  # True when a WindowLoader counts consumption
         self._slot_state: torch.Tensor | None = None  # (workers, slots) buffer states, set by a WindowLoader
-        self._pools: tuple[int, dict[int, BufferPool]] = (-1, {})  # (pid, {batch size: pool})
+        self._pools: tuple[int, BufferPool | None] = (-1, None)  # (pid, this process's pool)
 
     def __getstate__(self) -> dict[str, Any]:
         state = dict(self.__dict__)
-        state["_pools"] = (-1, {})  # buffers belong to the process that made them
+        state["_pools"] = (-1, None)  # buffers belong to the process that made them
         return state
 
     # ------------------------------------------------------------------ order
@@ -323,22 +325,20 @@ class WindowDataset(_Windows, IterableDataset):
         if counting:
             self._advance(0, True)
 
-    def _pool(self, n: int) -> BufferPool:
-        """This process's pool of ``n``-window batch buffers (see :mod:`.buffers`)."""
-        pid, pools = self._pools
-        if pid != os.getpid():
-            pools = {}
-            self._pools = (os.getpid(), pools)
-        if n not in pools:
+    def _pool(self) -> BufferPool:
+        """This process's pool of full-batch buffers (see :mod:`.buffers`)."""
+        pid, pool = self._pools
+        if pid != os.getpid() or pool is None:
             info = get_worker_info()
-            shape = (n, self.index.length, *self.frame_shape)
-            ahead = -(-self.prefetch // self.batch_size)  # batches the read-ahead fills at once
-            if info is None:  # the caller holds the batch it got and maybe the one before
-                pools[n] = BufferPool(shape, self.dtype, ahead + 3, lambda sh, dt: torch.empty(sh, dtype=dt))
+            shape = (self.batch_size, self.index.length, *self.frame_shape)
+            if info is None:  # the read-ahead's batches, the caller's batch and the one before it
+                ahead = -(-self.prefetch // self.batch_size)
+                pool = BufferPool(shape, self.dtype, ahead + 3, lambda sh, dt: torch.empty(sh, dtype=dt))
             else:
                 state = self._slot_state[info.id]
-                pools[n] = BufferPool(shape, self.dtype, state.numel(), shared_empty, state)
-        return pools[n]
+                pool = BufferPool(shape, self.dtype, state.numel(), shared_empty, state)
+            self._pools = (os.getpid(), pool)
+        return pool
 
     def _batches(self, windows: np.ndarray, pinned: bool) -> Iterator[dict[str, Any]]:
         b = self.batch_size
@@ -346,14 +346,14 @@ class WindowDataset(_Windows, IterableDataset):
         # Workers reuse buffers only when a WindowLoader tells them which ones the consumer let go.
         pooled = not pinned and (info is None or self._slot_state is not None)
         if pooled:
-            self._pool(b).reclaim()
+            self._pool().reclaim()
         buffers: dict[int, tuple[torch.Tensor, int]] = {}  # batch -> (buffer, pool slot or -1)
 
         def alloc(pos: int) -> np.ndarray:
             k = pos // b
             if k not in buffers:
                 n = min(b, len(windows) - k * b)
-                buffers[k] = self._pool(n).take() if pooled and n == b else (self._alloc(n, pinned), -1)
+                buffers[k] = self._pool().take() if pooled and n == b else (self._alloc(n, pinned), -1)
             return buffers[k][0][pos - k * b].numpy()
 
         ids: list[int] = []
@@ -366,7 +366,7 @@ class WindowDataset(_Windows, IterableDataset):
                 buf, slot = buffers.pop(pos // b)
                 batch = self._batch(buf, ids, ok)
                 if slot >= 0 and info is not None:
-                    pool = self._pool(b)
+                    pool = self._pool()
                     if pool.owns(batch["data"], slot):
                         batch["buffer"] = (info.id, slot)  # the WindowLoader reports when it is free
                     else:  # windows were skipped: the batch is a copy
@@ -424,6 +424,12 @@ class WindowLoader:
     :meth:`state_dict` counts the windows *handed to the caller* (batches the workers
     prefetched but the caller did not get are read again after a resume). An epoch that
     runs to its end moves the dataset to the next epoch.
+
+    With workers, each worker keeps up to ``prefetch_factor + ceil(prefetch / batch_size) + 3``
+    batch buffers in shared memory and decodes into one again once this loader has seen that
+    the caller dropped every reference to its batch (or, with ``pin_memory``, on receipt:
+    the DataLoader copied it). A caller that keeps batches only makes the workers allocate
+    fresh ones.
 
     Args:
         dataset: the windows.

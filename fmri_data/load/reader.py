@@ -181,8 +181,7 @@ class WindowReader:
             return None
 
     def _shard_path(self, r: int, t: int) -> str:
-        entry = self.index.runs[r]
-        return f"{self.store().path}/{RUNS}/{entry.run_id}/{entry.array}/c/{t}" + "".join("/0" for _ in entry.frame_shape)
+        return f"{self.store().path}/{self._shard_key(self.index.runs[r], t)}"
 
     def _shard_index(self, r: int, t: int) -> np.ndarray:
         if (r, t) not in self._shard_indexes:
