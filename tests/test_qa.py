@@ -437,3 +437,27 @@ def test_recompute_without_reconversion_matches_conversion(real_store, tmp_path)
     (root / "sub-haxby1/func/sub-haxby1_task-objectviewing_run-01_bold.nii.gz").write_bytes(haxby_run(2).read_bytes())
     res = CliRunner().invoke(app, ["qa", url, "--recompute", "--report", str(tmp_path / "r.html"), "--no-figures"])
     assert res.exit_code == 0 and "sources differ" in res.output and "recomputed for 0 of 1" in res.output
+
+
+def test_conversion_gathers_qa_frames_in_its_single_pass(real_store, tmp_path, monkeypatch):
+    """The converter's streaming pass feeds the volume metrics: QA does not read the source
+    again (its own pass is made to fail here), and the metrics equal real_store's."""
+    from fmri_data.convert import convert
+    from fmri_data.convert.qa import SourceFrames
+
+    def no_second_pass(*args, **kwargs):
+        raise AssertionError("QA read the source a second time")
+
+    monkeypatch.setattr(SourceFrames, "read", classmethod(no_second_pass))
+    root = make_bids(tmp_path / "bids", {
+        "sub-haxby1/func/sub-haxby1_task-objectviewing_run-01_bold.nii.gz": haxby_run(1),
+        "sub-haxby1/func/sub-haxby1_task-objectviewing_run-01_bold.json": json.dumps({"RepetitionTime": 2.5}),
+    })
+    url = str(tmp_path / "one.zarr")
+    report = convert(root, url, "default", overrides=["roi=null"], progress=False)
+    assert not report.failed, [r.error for r in report.failed]
+    attrs = Store.open(url).run_attrs(HAXBY_IDS[0])
+    assert not [w for w in attrs["warnings"] if w.startswith("qa:")], attrs["warnings"]
+    reference = Store.open(real_store).run_attrs(HAXBY_IDS[0])["qa"]
+    for key in ("tsnr", "dvars_std", "gcor", "aor", "aqi", "efc", "fber", "gsr", "mask", "n_channels"):
+        assert attrs["qa"][key] == reference[key], key

@@ -90,6 +90,9 @@ class RunContext:
         mask: ``(X, Y, Z)`` bool brain mask on the target grid; ``grid`` that grid.
         roi: stored ROI series by array key, ``(T_out, R)`` float32 (normalized as stored).
         confounds: ``(columns, (T_in, C) float32)`` or None.
+        source_frames: what the volume QA metrics need from the source frames
+            (:class:`fmri_data.convert.qa.SourceFrames`), gathered in the converter's
+            streaming pass; QA takes it (and drops it) or reads the source itself when None.
         origin: local copy -> original URL, for files fetched from remote storage.
     """
 
@@ -106,6 +109,7 @@ class RunContext:
     grid: Grid | None = None
     roi: dict[str, np.ndarray] = field(default_factory=dict)
     confounds: tuple[list[str], np.ndarray] | None = None
+    source_frames: Any = None
     origin: dict[str, str] = field(default_factory=dict)
 
     def add_source(self, path: str, kind: str, space: str | None, derivative: bool) -> None:

@@ -9,9 +9,10 @@ Where the metrics are computed (the choice, and why):
   and masking remove; tSNR and DVARS on interpolated voxels would be inflated by the
   interpolation's smoothing. The brain mask is the run's stored mask taken back to the
   source grid (nearest neighbour), else the ``desc-brain_mask`` file, else an EPI mask of
-  the source mean (ROI-only recipes). The source is read once more, block by block
-  (``RunContext.brain_source`` holds resampled voxels, so it cannot serve); only the
-  brain voxels ``(T, N_brain)`` float32 are held.
+  the source mean (ROI-only recipes). The converter gathers what the metrics need
+  (:class:`SourceFrames`: the source brain voxels ``(T, N_brain)`` float32, the mean
+  image, the global signal) in its single streaming pass over the source; only when the
+  mask needs the source mean first (or on ``recompute_qa``) does QA read the source itself.
 * **Surface, dense CIFTI and parcellated CIFTI runs: on the source vertices /
   grayordinates / parcels**; channels constant over time (the medial wall) are left out.
   tSNR, DVARS, GCOR, FD and the non-steady-state count apply; AOR, AQI, EFC, FBER and GSR
@@ -63,15 +64,64 @@ def _trace(values: np.ndarray) -> list[float | None]:
     return [_g(v) for v in np.asarray(values, dtype=np.float64)]
 
 
-def _source_mask(ctx: RunContext, vol) -> tuple[np.ndarray, str]:
-    """Brain mask on the source grid and where it came from."""
-    if ctx.mask is not None and ctx.grid is not None:
-        mask = resample_mask(ctx.mask, ctx.grid.affine, vol.shape[:3], vol.affine)
+def source_mask(ctx: RunContext, vol, grid_mask: np.ndarray | None, grid) -> tuple[np.ndarray, str] | None:
+    """Brain mask on the source grid and where it came from: the run's target-grid mask
+    taken back (nearest neighbour), else its ``desc-brain_mask`` file; None when only an EPI
+    mask of the source mean would do (that needs a pass over the source of its own)."""
+    if grid_mask is not None and grid is not None:
+        mask = resample_mask(grid_mask, grid.affine, vol.shape[:3], vol.affine)
         return mask, "stored brain_mask (nearest neighbour on the source grid)"
     if ctx.spec.mask:
         data, affine = read_image_3d(ctx.spec.mask)
         return resample_mask(data, affine, vol.shape[:3], vol.affine), "desc-brain_mask file"
-    return epi_mask(temporal_mean(vol), vol.affine), "EPI mask of the source mean (nilearn compute_epi_mask)"
+    return None
+
+
+class SourceFrames:
+    """What the volume metrics need from the source frames, gathered block by block.
+
+    Fed by the converter's single streaming pass (:mod:`.volume`) when the mask is known
+    before it, else by a pass of QA's own. Holds the brain voxels ``brain (T, N_brain)``
+    float32 (non-finite values as 0), the voxelwise sum over time, which voxels were ever
+    non-finite and the global signal (mean over all voxels per frame).
+
+    Args:
+        shape: the source grid ``(X, Y, Z)``; n_frames: T; mask: ``(X, Y, Z)`` bool, not empty;
+        mask_source: where the mask came from (recorded in ``qa.mask``).
+
+    Raises:
+        ValueError: the mask is empty.
+    """
+
+    def __init__(self, shape: tuple[int, int, int], n_frames: int, mask: np.ndarray, mask_source: str):
+        if not mask.any():
+            raise ValueError("brain mask is empty on the source grid")
+        self.mask, self.mask_source, self.n_frames = mask, mask_source, n_frames
+        self.brain = np.empty((n_frames, int(mask.sum())), dtype=np.float32)
+        self.total = np.zeros(shape, dtype=np.float64)
+        self.nonfinite = np.zeros(shape, dtype=bool)
+        self.global_signal = np.empty(n_frames, dtype=np.float64)
+
+    def add(self, start: int, stop: int, block: np.ndarray) -> None:
+        """Source frames ``[start, stop)`` as ``(X, Y, Z, stop - start)`` (not modified)."""
+        bad = ~np.isfinite(block)
+        if bad.any():
+            self.nonfinite |= bad.any(axis=3)
+            block = np.where(bad, 0.0, block).astype(np.float32)
+        self.total += block.sum(axis=3, dtype=np.float64)
+        self.global_signal[start:stop] = block.mean(axis=(0, 1, 2), dtype=np.float64)
+        self.brain[start:stop] = block[self.mask].T
+
+    @classmethod
+    def read(cls, ctx: RunContext, vol) -> "SourceFrames":
+        """QA's own pass over the source (when the converter's pass did not gather them)."""
+        found = source_mask(ctx, vol, ctx.mask, ctx.grid)
+        if found is None:
+            found = epi_mask(temporal_mean(vol), vol.affine), "EPI mask of the source mean (nilearn compute_epi_mask)"
+        frames = cls(vol.shape[:3], vol.n_frames, *found)
+        for start, stop, block in vol.iter_frames(frames_per_block(vol.n_frames, np.prod(vol.shape[:3]))):
+            frames.add(start, stop, block)
+        return frames
 
 
 def phase_encoding_axis(path: str, metadata: dict[str, Any]) -> tuple[int, str]:
@@ -117,30 +167,17 @@ def _series_metrics(x: np.ndarray, out: dict[str, Any], series: dict[str, Any], 
 
 def _volume(ctx: RunContext, out, series, notes) -> None:
     vol = open_volume(ctx.spec.volume.path)
-    mask, mask_source = _source_mask(ctx, vol)
-    if not mask.any():
-        raise ValueError("brain mask is empty on the source grid")
-    n_frames = vol.n_frames
-    brain = np.empty((n_frames, int(mask.sum())), dtype=np.float32)
-    total = np.zeros(vol.shape[:3], dtype=np.float64)
-    nonfinite = np.zeros(vol.shape[:3], dtype=bool)
-    global_signal = np.empty(n_frames, dtype=np.float64)
-    for start, stop, block in vol.iter_frames(frames_per_block(vol.n_frames, np.prod(vol.shape[:3]))):
-        bad = ~np.isfinite(block)
-        if bad.any():
-            nonfinite |= bad.any(axis=3)
-            block = np.where(bad, 0.0, block).astype(np.float32)
-        total += block.sum(axis=3, dtype=np.float64)
-        global_signal[start:stop] = block.mean(axis=(0, 1, 2), dtype=np.float64)
-        brain[start:stop] = block[mask].T
-    mean_image = total / n_frames
+    frames = ctx.source_frames if ctx.source_frames is not None else SourceFrames.read(ctx, vol)
+    ctx.source_frames = None  # (T, N_brain) float32: not kept past QA
+    mask, brain, global_signal = frames.mask, frames.brain, frames.global_signal
+    mean_image = frames.total / frames.n_frames
     axis, pe_source = phase_encoding_axis(ctx.spec.volume.path, ctx.spec.metadata)
     out.update(
         kind="volume",
         computed_on=f"source image {'x'.join(str(s) for s in vol.shape[:3])} voxels, TR {ctx.tr_in:g} s",
-        mask=mask_source,
+        mask=frames.mask_source,
         n_channels=int(mask.sum()),
-        nan_fraction=_g(nonfinite.mean()),
+        nan_fraction=_g(frames.nonfinite.mean()),
         constant_fraction=_g(np.mean(np.ptp(brain, axis=0) == 0)),
         dummy_trs=iqm.non_steady_state(global_signal),
         efc=_g(iqm.efc(mean_image)),

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 import numpy as np
@@ -17,6 +18,9 @@ from ..resample.temporal import n_output_frames, resample_tr
 from ..store import RunWriter, roi_key
 from .context import (RunContext, cached_atlas, cached_parcel_operator, check_finite, frames_per_block, resample_device,
                       temporal_mean, write_roi)
+from .qa import SourceFrames, qa_settings, source_mask
+
+log = logging.getLogger(__name__)
 
 
 def _target_grid(volume_cfg: dict[str, Any]) -> Grid:
@@ -41,6 +45,20 @@ def _source_mask(ctx: RunContext, vol: VolumeSeries, mode: str, grid: Grid) -> t
     else:  # none
         data, affine = np.ones(vol.shape[:3], dtype=bool), vol.affine
     return resample_mask(data, affine, grid.shape, grid.affine), mode
+
+
+def _qa_frames(ctx: RunContext, vol: VolumeSeries, grid_mask: np.ndarray | None, grid: Grid | None) -> SourceFrames | None:
+    """What QA needs from the source frames, to gather in the streaming pass; None when QA is
+    off, when its mask needs the source mean first, or when it cannot be set up (QA then
+    reads the source itself and reports the cause: QA never fails a conversion)."""
+    if qa_settings(ctx.recipe) is None:
+        return None
+    try:
+        found = source_mask(ctx, vol, grid_mask, grid)
+        return SourceFrames(vol.shape[:3], vol.n_frames, *found) if found is not None else None
+    except Exception as exc:  # noqa: BLE001
+        log.debug("%s: QA gathers nothing in the conversion pass (%s)", vol.path, exc)
+        return None
 
 
 def volume_outputs(ctx: RunContext, writer: RunWriter) -> dict[str, Any]:
@@ -90,7 +108,10 @@ def volume_outputs(ctx: RunContext, writer: RunWriter) -> dict[str, Any]:
     apply_brain = PreparedOperator(op, device=device) if op is not None else None
     apply_parcels = [PreparedOperator(p.matrix, device=device, dtype=np.float64) for p in parcel_ops]
     policy = recipe["inputs"]["nan_policy"]
+    qa_frames = _qa_frames(ctx, vol, mask, grid) if op is not None else _qa_frames(ctx, vol, None, None)
     for start, stop, block in vol.iter_frames(frames_per_block(vol.n_frames, np.prod(vol.shape[:3]))):
+        if qa_frames is not None:
+            qa_frames.add(start, stop, block)
         flat = check_finite(block, vol.path, start, policy).reshape(-1, stop - start)
         if apply_brain is not None:
             apply_brain(flat, out=brain[start:stop].T)
@@ -100,7 +121,7 @@ def volume_outputs(ctx: RunContext, writer: RunWriter) -> dict[str, Any]:
     signal = [x for x in ([brain] if brain is not None else []) + parcels if x.size]
     if signal and not any(np.ptp(x, axis=0).max() > 0 for x in signal):
         raise InputError(vol.path, "no BOLD signal: every voxel is constant over time")
-    ctx.tr_in, ctx.tr_out = tr_in, tr_out
+    ctx.tr_in, ctx.tr_out, ctx.source_frames = tr_in, tr_out, qa_frames
     temporal = recipe["temporal"]
     if op is not None:
         ctx.brain_source, ctx.mask, ctx.grid = brain, mask, grid
