@@ -62,22 +62,23 @@ MOTION_COLUMNS = ("trans_x", "trans_y", "trans_z", "rot_x", "rot_y", "rot_z")
 MOTION_SUFFIX = "_motion_penalized"
 
 
-def window_starts(n_frames: int, window: int, stride: int) -> np.ndarray:
-    """Start frames of the windows of a run.
+def window_starts(n_frames: int, window: int, stride: int, *, min_window: int = 2) -> np.ndarray:
+    """Start frames of the windows of a run (the one window grid of scorers and loaders).
 
     Args:
         n_frames: frames of the run ``T``.
-        window: frames per window ``W`` (>= 2).
+        window: frames per window ``W`` (>= ``min_window``: 2 for saliency scores, which
+            need frame differences; the loader's windows may be single frames).
         stride: frames between window starts ``S`` (>= 1).
 
     Returns:
         ``(n_windows,)`` int64: ``0, S, 2S, ...`` with ``start + W <= T`` (empty when ``T < W``).
 
     Raises:
-        ValueError: ``window < 2`` or ``stride < 1``.
+        ValueError: ``window < min_window`` or ``stride < 1``.
     """
-    if window < 2 or stride < 1:
-        raise ValueError(f"window must be >= 2 and stride >= 1 frames (got window={window}, stride={stride})")
+    if window < min_window or stride < 1:
+        raise ValueError(f"window must be >= {min_window} and stride >= 1 frames (got window={window}, stride={stride})")
     if n_frames < window:
         return np.zeros(0, dtype=np.int64)
     return np.arange(0, n_frames - window + 1, stride, dtype=np.int64)

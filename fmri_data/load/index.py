@@ -33,6 +33,7 @@ from typing import Any, Iterable
 
 import numpy as np
 
+from ..derive.saliency import window_starts
 from ..errors import StoreError
 from ..store import RUNS, Store
 
@@ -173,16 +174,14 @@ def split_of(key: str, seed: int, fractions: dict[str, float]) -> str:
 
 
 def sliding_starts(n_frames: int, length: int, stride: int) -> np.ndarray:
-    """``(n,) int64`` starts ``0, stride, ...`` with ``start + length <= n_frames``.
+    """``(n,) int64`` starts ``0, stride, ...`` with ``start + length <= n_frames``: the
+    saliency scorers' window grid (:func:`fmri_data.derive.saliency.window_starts`), where
+    a window may also be a single frame.
 
     Raises:
         ValueError: ``length < 1`` or ``stride < 1``.
     """
-    if length < 1 or stride < 1:
-        raise ValueError(f"window length and stride must be >= 1 (got {length}, {stride})")
-    if n_frames < length:
-        return np.zeros(0, dtype=np.int64)
-    return np.arange(0, n_frames - length + 1, stride, dtype=np.int64)
+    return window_starts(n_frames, length, stride, min_window=1)
 
 
 def event_starts(events: list[dict[str, Any]], tr_s: float, n_frames: int, length: int, hrf_delay_s: float) -> tuple[np.ndarray, list[dict[str, Any]], int]:
