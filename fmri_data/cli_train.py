@@ -71,7 +71,7 @@ def probe(
     label: str = typer.Option("trial_type", "--label", help="Window label to classify (an events column, entity or participant column)."),
     test: list[str] = typer.Option(..., "--test", help="Held-out windows: label=value[,value...], e.g. run=10,11,12 (repeatable)."),
     where: list[str] = typer.Option([], "--where", help="Use only runs with label=value[,value...] (repeatable)."),
-    kind: str = typer.Option("linear", "--kind", help="linear | attentive"),
+    kind: str = typer.Option("linear", "--kind", help="linear | attentive | prompt (NeuroSTORM prompt tuning)"),
     pool: str = typer.Option("mean", "--pool", help="Linear probe features: mean over tokens | flatten."),
     source: str = typer.Option("events", "--source", help="Windows: events (onset + HRF delay) | sliding."),
     device: str = typer.Option("auto", "--device", help="auto | cpu | cuda"),

@@ -215,6 +215,31 @@ def test_linear_probe_on_haxby_event_windows(lm_store, tmp_path, capsys):
               f"\n  baseline, raw parcel windows flattened: {baseline}")
 
 
+def test_neurostorm_prompt_tuning_on_haxby_event_windows(real_store, tmp_path, capsys):
+    """A tiny NeuroSTORM pre-trained briefly without prompts gets prompts (zeros) and is
+    prompt-tuned on the 8 Haxby categories, runs 10-12 held out: only the prompts change
+    in the backbone. The accuracy is reported, not asserted."""
+    from fmri_data.train.probe import run_probe, with_prompts
+
+    cfg = get_config("neurostorm", "tiny", ["train.steps=4", "train.checkpoint_every=4"])
+    _fit(cfg, store_batches(real_store), tmp_path)
+    model, loaded = load_pretrained(tmp_path / "checkpoints" / "step-000004.safetensors")
+    prompted, prompted_cfg = with_prompts(model, loaded, 2)
+    assert loaded.model.n_prompts == 0 and prompted_cfg.model.n_prompts == 2
+    same = {k: v for k, v in prompted.state_dict().items() if not k.endswith("prompts")}
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in same.items())
+    before = {k: v.clone() for k, v in prompted.state_dict().items()}
+    split = dict(label="trial_type", test={"run": ["10", "11", "12"]}, where={"task": "objectviewing"})
+    result = run_probe(prompted, prompted_cfg, real_store, kind="prompt", **split)
+    changed = {k for k, v in prompted.state_dict().items() if not torch.equal(v, before[k])}
+    assert changed and all(k.endswith("prompts") for k in changed), changed
+    assert result.n_train == 72 and result.n_test == 24 and len(result.classes) == 8
+    with pytest.raises(ValueError, match="NeuroSTORM"):
+        with_prompts(model, get_config("flat_mae", "tiny"))
+    with capsys.disabled():
+        print(f"\nHaxby 8-way NeuroSTORM prompt tuning (tiny, 4 pre-training steps): {result}")
+
+
 class RawWindows(torch.nn.Module):
     """The probe's baseline: the window itself as features, ``(B, R, L)``."""
 

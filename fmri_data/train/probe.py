@@ -5,6 +5,12 @@
 - ``attentive``: a learned query cross-attends the frozen tokens ``(N, T, C)`` (one
   multi-head attention layer, then a linear layer; as the attentive probes of V-JEPA,
   arXiv 2404.08471), trained with AdamW on the training split.
+- ``prompt`` (NeuroSTORM only): task-specific prompt tuning as NeuroSTORM fine-tunes its
+  pre-trained backbone (arXiv 2506.11167): the backbone frozen, the learnable prompt tokens
+  prepended to every window of every block (``model.n_prompts``, added as zeros to a
+  backbone pre-trained without them) and a linear head on the mean-pooled tokens are
+  trained end to end with cross-entropy on the training split; gradients flow through the
+  frozen backbone to the prompts, so every step runs the whole encoder.
 
 Windows come from :func:`fmri_data.train.data.family_index` (e.g. ``source="events"``:
 one window per event, starting at onset + HRF delay) and are split by run label values,
@@ -92,6 +98,89 @@ def attentive_probe(train_x: torch.Tensor, train_y: np.ndarray, test_x: torch.Te
         return probe((test_x - mean) / std).argmax(-1).numpy()
 
 
+CACHE_BYTES = 1 << 30  # prompt tuning keeps prepared training windows in memory up to this size
+
+
+def with_prompts(model: nn.Module, cfg: Config, n_prompts: int = 4) -> tuple[nn.Module, Config]:
+    """A NeuroSTORM ``model`` with learnable prompt tokens: itself when it has them, else the
+    same weights in a model built with ``n_prompts`` prompts per block (initialised to 0).
+
+    Raises:
+        ValueError: not a NeuroSTORM model.
+    """
+    if cfg.family != "neurostorm":
+        raise ValueError(f"prompt tuning is NeuroSTORM's; this is a {cfg.family} model")
+    if cfg.model.n_prompts:
+        return model, cfg
+    from .configs import from_dict
+    from .trainer import build_model
+
+    data = cfg.to_dict()
+    data["model"]["n_prompts"] = int(n_prompts)
+    prompted_cfg = from_dict(data)
+    prompted = build_model(prompted_cfg)
+    missing, unexpected = prompted.load_state_dict(model.state_dict(), strict=False)
+    if unexpected or any(not k.endswith("prompts") for k in missing):
+        raise ValueError(f"cannot add prompts: missing {missing}, unexpected {unexpected}")
+    for blocks in prompted.stages:
+        for blk in blocks:
+            nn.init.zeros_(blk.prompts)
+    return prompted.to(next(model.parameters()).device), prompted_cfg
+
+
+def prompt_tune(model: nn.Module, cfg: Config, index, train: np.ndarray, train_y: np.ndarray, test: np.ndarray,
+                n_classes: int, device: torch.device, *, epochs: int = 10, lr: float = 1e-2, batch_size: int = 4,
+                seed: int = 0) -> np.ndarray:
+    """Predicted classes of windows ``test`` after prompt tuning on windows ``train`` (labels
+    ``train_y``, class indices) of ``index`` (see the module doc; ``model`` from :func:`with_prompts`).
+
+    Each epoch reads every training window again unless the prepared windows fit in
+    :data:`CACHE_BYTES` (then they are prepared once).
+
+    Returns:
+        ``(len(test),)`` int64 predicted class indices.
+    """
+    torch.manual_seed(seed)
+    ds = eval_dataset(index, cfg)
+    prompts = model.freeze_backbone()
+    model.eval()  # the frozen backbone keeps its inference behaviour (dropout, norms)
+    cache: dict[int, dict[str, Any]] = {}  # prepared windows, kept while they fit in CACHE_BYTES
+    cached = 0
+
+    def window(i: int) -> dict[str, Any]:
+        nonlocal cached
+        if i in cache:
+            return cache[i]
+        inputs = prepare(collate_windows([ds[i]]), cfg, device, ds)
+        size = sum(v.numel() * v.element_size() for v in inputs.values() if isinstance(v, torch.Tensor))
+        if cached + size <= CACHE_BYTES:
+            cache[i], cached = inputs, cached + size
+        return inputs
+
+    def tokens(ids) -> torch.Tensor:
+        parts = [window(int(i)) for i in ids]
+        inputs = {k: torch.cat([p[k] for p in parts]) for k, v in parts[0].items() if isinstance(v, torch.Tensor)}
+        return model.encode(inputs).float().mean(1)   # (B, C)
+
+    with torch.no_grad():
+        dim = tokens(train[:1]).shape[-1]
+    head = nn.Linear(dim, n_classes).to(device)
+    opt = torch.optim.AdamW([*prompts, *head.parameters()], lr=lr, weight_decay=0.0)
+    y = torch.as_tensor(train_y, device=device)
+    order = torch.Generator().manual_seed(seed)
+    for _ in range(epochs):
+        perm = torch.randperm(len(train), generator=order).numpy()
+        for lo in range(0, len(train), batch_size):
+            pick = perm[lo:lo + batch_size]
+            loss = nn.functional.cross_entropy(head(tokens(train[pick])), y[pick])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    with torch.no_grad():
+        return torch.cat([head(tokens(test[lo:lo + batch_size])).argmax(-1).cpu()
+                          for lo in range(0, len(test), batch_size)]).numpy()
+
+
 def run_probe(model: nn.Module, cfg: Config, url: str, *, label: str, test: dict[str, Any], kind: str = "linear",
               pool: str = "mean", source: str = "events", where: dict[str, Any] | None = None,
               device: str | torch.device = "cpu", seed: int = 0) -> ProbeResult:
@@ -100,19 +189,24 @@ def run_probe(model: nn.Module, cfg: Config, url: str, *, label: str, test: dict
     Args:
         test: label values of the held-out windows (``{"run": ["10", "11", "12"]}``); every
             other window of the index trains the classifier.
-        kind: ``linear`` or ``attentive``; source: window source (``events``, ``sliding``).
+        kind: ``linear``, ``attentive`` or ``prompt`` (NeuroSTORM prompt tuning; updates
+            ``model``'s prompts in place when it has them); source: window source
+            (``events``, ``sliding``).
         pool: linear probe features: ``mean`` over tokens (C,) or ``flatten`` (T * C,) —
             per-ROI tokens (fMRI-LM) keep their parcel identity only when flattened.
         where: restrict the index (``{"task": "objectviewing"}``).
 
     Raises:
-        ValueError: no windows, an unknown ``kind``, or a split without both train and test windows.
+        ValueError: no windows, an unknown ``kind``, prompt tuning of another family than
+            NeuroSTORM, or a split without both train and test windows.
     """
-    if kind not in ("linear", "attentive") or pool not in ("mean", "flatten"):
-        raise ValueError(f"probe kind must be linear or attentive and pool mean or flatten, not '{kind}', '{pool}'")
+    if kind not in ("linear", "attentive", "prompt") or pool not in ("mean", "flatten"):
+        raise ValueError(f"probe kind must be linear, attentive or prompt and pool mean or flatten, not '{kind}', '{pool}'")
     device = torch.device(device)
+    if kind == "prompt":
+        model, cfg = with_prompts(model.to(device), cfg)
     index = family_index(url, cfg, source=source, where=where)
-    tokens, labels = features(model.to(device), cfg, index, device)
+    labels = [index.labels(i) for i in range(len(index))]
     y_all = [lab.get(label) for lab in labels]
     held = np.array([all(str(lab.get(k)) in {str(v) for v in (vals if isinstance(vals, (list, tuple)) else [vals])}
                          for k, vals in test.items()) for lab in labels])
@@ -124,11 +218,15 @@ def run_probe(model: nn.Module, cfg: Config, url: str, *, label: str, test: dict
     code = {c: k for k, c in enumerate(classes)}
     te = te & np.array([v in code for v in y_all])
     y = np.array([code.get(v, -1) for v in y_all])
-    if kind == "linear":
-        pooled = (tokens.mean(1) if pool == "mean" else tokens.flatten(1)).numpy()
-        pred = linear_probe(pooled[tr], y[tr], pooled[te], seed)
+    if kind == "prompt":
+        pred = prompt_tune(model, cfg, index, np.flatnonzero(tr), y[tr], np.flatnonzero(te), len(classes), device, seed=seed)
     else:
-        pred = attentive_probe(tokens[tr], y[tr], tokens[te], len(classes), seed=seed)
+        tokens, _ = features(model.to(device), cfg, index, device)
+        if kind == "linear":
+            pooled = (tokens.mean(1) if pool == "mean" else tokens.flatten(1)).numpy()
+            pred = linear_probe(pooled[tr], y[tr], pooled[te], seed)
+        else:
+            pred = attentive_probe(tokens[tr], y[tr], tokens[te], len(classes), seed=seed)
     majority = np.bincount(y[tr]).argmax()
     return ProbeResult(float((pred == y[te]).mean()), float((y[te] == majority).mean()), int(tr.sum()), int(te.sum()),
                        classes)
