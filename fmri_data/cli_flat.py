@@ -20,14 +20,15 @@ def write_preview(store: str, run_id: str, frames: list[int], out: str) -> bytes
     from .preview import flat_png
     from .store import Store
 
-    group = Store.open(store).run(run_id)
+    opened = Store.open(store)
+    group = opened.run(run_id)
     if "flat" not in group:
         raise KeyError(f"run {run_id} has no flat map")
     video = group["flat"]
     for k in frames:
         if not 0 <= k < video.shape[0]:
             raise IndexError(f"frame {k} outside 0..{video.shape[0] - 1}")
-    tr = Store.open(store).run_attrs(run_id)["tr_s"]
+    tr = opened.run_attrs(run_id)["tr_s"]
     png = flat_png(video.oindex[frames, :, :], group["flat_mask"][:],
                    titles=[f"{run_id}  frame {k} ({k * tr:.1f} s)" for k in frames])
     with open(out, "wb") as fh:
@@ -43,13 +44,12 @@ def preview(
     out: Optional[str] = typer.Option(None, "--out", "-o", help="PNG path (default <run_id>_flat.png)."),
 ) -> None:
     """PNG of flat-map frames (left hemisphere on the left) and of the valid-pixel mask."""
-    from .cli import console, err_console
+    from .cli import _fail, console
     from .errors import FmriDataError
 
     path = out or f"{run_id}_flat.png"
     try:
         write_preview(store, run_id, frame, path)
     except (FmriDataError, KeyError, IndexError) as exc:
-        err_console.print(f"[red]error:[/red] {escape(str(exc))}")
-        raise typer.Exit(2)
+        _fail(exc)
     console.print(f"wrote {escape(path)}")

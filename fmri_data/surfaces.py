@@ -16,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .atlases import ATLAS_DIR_ENV
 from .errors import InputError
 
 #: Mesh kinds, as nilearn names them: pial, white_matter, inflated, sphere, flat.
@@ -87,10 +88,9 @@ def surface_dirs(atlas_dir: str | Path | None = None) -> list[Path]:
     out = []
     if os.environ.get("FMRI_DATA_SURFACE_DIR"):
         out.append(Path(os.environ["FMRI_DATA_SURFACE_DIR"]))
-    if atlas_dir:
-        out += [Path(atlas_dir), Path(atlas_dir).parent / "surfaces"]
-    elif os.environ.get("FMRI_DATA_ATLAS_DIR"):
-        out += [Path(os.environ["FMRI_DATA_ATLAS_DIR"]), Path(os.environ["FMRI_DATA_ATLAS_DIR"]).parent / "surfaces"]
+    folder = atlas_dir or os.environ.get(ATLAS_DIR_ENV)
+    if folder:
+        out += [Path(folder), Path(folder).parent / "surfaces"]
     return out
 
 

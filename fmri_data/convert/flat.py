@@ -22,6 +22,7 @@ import numpy as np
 import scipy.sparse as sp
 
 from ..derive.flatmap import (
+    GRID_KEYS,
     FlatOperator,
     projection_matrix,
     render_flat,
@@ -62,9 +63,7 @@ def _cortex(family: SurfaceFamily, cfg: dict[str, Any], ctx: RunContext) -> tupl
 
 
 def _surface_operator(family: SurfaceFamily, cfg: dict[str, Any], ctx: RunContext) -> tuple[FlatOperator, str]:
-    key = ("flat", family.name, ctx.atlas_dir, cfg["medial_wall"], cfg["cortex_atlas"]) + tuple(
-        str(cfg[k]) for k in ("resolution_mm", "bbox_mm", "fit", "hemisphere_gap_mm", "edge_threshold_mm", "triangulation")
-    )
+    key = ("flat", family.name, ctx.atlas_dir, cfg["medial_wall"], cfg["cortex_atlas"]) + tuple(str(cfg[k]) for k in GRID_KEYS)
 
     def build():
         cortex, mode = _cortex(family, cfg, ctx)
@@ -174,6 +173,7 @@ def flat_outputs(ctx: RunContext, writer: RunWriter, known: dict[str, Any]) -> d
         data, covered, tr_in, tr_warnings = reader(ctx, family)
         op, medial_wall = _surface_operator(family, cfg, ctx)
         kind = "gifti" if spec.surface else "cifti_dense"
+        pixel_space = False
     else:
         src = spec.volume
         family = load_family(cfg["family"], ctx.atlas_dir)
@@ -188,13 +188,15 @@ def flat_outputs(ctx: RunContext, writer: RunWriter, known: dict[str, Any]) -> d
         if not op.mask.any():
             raise InputError(vol.path, f"the volume covers none of the {family.name} cortex (world coordinates)")
         step = frames_per_block(vol.n_frames, np.prod(vol.shape[:3]))
-        stage = op.vertex_stage if cfg["normalization"] == "vertex_zscore" else op.matrix
+        # Without a per-vertex z-score the composed (pixels, voxels) matrix gives pixel series at once.
+        pixel_space = cfg["normalization"] != "vertex_zscore"
+        stage = op.matrix if pixel_space else op.vertex_stage
         apply_stage = PreparedOperator(stage, device=device)
         data = np.empty((stage.shape[0], vol.n_frames), dtype=np.float32)
         for start, stop, block in vol.iter_frames(step):
             block = check_finite(block, vol.path, start, recipe["inputs"]["nan_policy"]).reshape(-1, stop - start)
             apply_stage(block, out=data[:, start:stop])
-        covered = np.asarray(op.vertex_stage.getnnz(axis=1) > 0) if stage is op.vertex_stage else np.ones(len(data), bool)
+        covered = np.ones(len(data), bool) if pixel_space else np.asarray(op.vertex_stage.getnnz(axis=1) > 0)
         kind = "volume"
         space = src.space
         note = "native-space volume" if space == NATIVE else f"{space} volume"
@@ -213,8 +215,7 @@ def flat_outputs(ctx: RunContext, writer: RunWriter, known: dict[str, Any]) -> d
     if cfg["normalization"] == "vertex_zscore":
         mean = data.mean(axis=1, dtype=np.float64)
         data = ((data - mean[:, None]) / np.where(signal, std, 1.0)[:, None]).astype(np.float32)
-    pixel_space = kind == "volume" and stage is op.matrix  # data already holds pixel series
-    if pixel_space:
+    if pixel_space:  # data already holds pixel series
         flat_matrix, mask = None, np.zeros(op.mask.size, dtype=bool)
         mask[np.flatnonzero(op.mask.ravel())[signal]] = True
         mask = mask.reshape(op.mask.shape)

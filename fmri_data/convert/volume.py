@@ -86,7 +86,7 @@ def volume_outputs(ctx: RunContext, writer: RunWriter) -> dict[str, Any]:
         return {}
 
     order = 0 if volume_cfg and volume_cfg["interpolation"] == "nearest" else 1
-    op = None
+    op = mask = grid = None  # without volume output: no grid, no target-grid mask
     if volume_cfg is not None:
         grid = _target_grid(volume_cfg)
         mask, mask_mode = _source_mask(ctx, vol, volume_cfg["mask"], grid)
@@ -108,7 +108,7 @@ def volume_outputs(ctx: RunContext, writer: RunWriter) -> dict[str, Any]:
     apply_brain = PreparedOperator(op, device=device) if op is not None else None
     apply_parcels = [PreparedOperator(p.matrix, device=device, dtype=np.float64) for p in parcel_ops]
     policy = recipe["inputs"]["nan_policy"]
-    qa_frames = _qa_frames(ctx, vol, mask, grid) if op is not None else _qa_frames(ctx, vol, None, None)
+    qa_frames = _qa_frames(ctx, vol, mask, grid)
     for start, stop, block in vol.iter_frames(frames_per_block(vol.n_frames, np.prod(vol.shape[:3]))):
         if qa_frames is not None:
             qa_frames.add(start, stop, block)

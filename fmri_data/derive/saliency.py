@@ -158,7 +158,7 @@ def dvars(x: np.ndarray, starts: np.ndarray, window: int) -> np.ndarray:
     return np.array([d[s + 1 : s + window].mean() for s in starts], dtype=np.float64)
 
 
-def _correlation(w: np.ndarray) -> np.ndarray:
+def correlation(w: np.ndarray) -> np.ndarray:
     """``(P, P)`` Pearson correlation of a ``(W, P)`` window; constant channels correlate 0."""
     centered = w - w.mean(axis=0)
     norm = np.sqrt((centered * centered).sum(axis=0))
@@ -188,11 +188,11 @@ def dfc_distance(x: np.ndarray, starts: np.ndarray, window: int) -> np.ndarray:
         return np.zeros(0, dtype=np.float64)
     mean = np.zeros((p, p), dtype=np.float64)
     for w in _windows(x, starts, window):
-        mean += _correlation(w)
+        mean += correlation(w)
     mean /= len(starts)
     out = []
     for w in _windows(x, starts, window):
-        diff = np.abs(_correlation(w) - mean)
+        diff = np.abs(correlation(w) - mean)
         # off-diagonal pairs p < q: (sum of the symmetric matrix - its diagonal) / 2
         out.append((diff.sum() - np.trace(diff)) / 2 / (p * (p - 1) / 2))
     return np.array(out, dtype=np.float64)

@@ -79,11 +79,12 @@ def robust_z(values: np.ndarray) -> np.ndarray:
     out = np.full(v.shape, np.nan)
     if not ok.any():
         return out
-    dev = np.abs(v[ok] - np.median(v[ok]))
+    centred = v[ok] - np.median(v[ok])
+    dev = np.abs(centred)
     scale = np.median(dev) * MAD_TO_SD
     if scale == 0:
         scale = dev.mean() * MEANAD_TO_SD
-    out[ok] = (v[ok] - np.median(v[ok])) / scale if scale > 0 else 0.0
+    out[ok] = centred / scale if scale > 0 else 0.0
     return out
 
 
@@ -161,7 +162,7 @@ def render_report(
     rows = qa_rows(store, run_ids, attrs)
     try:
         write_qa_table(store, rows)  # keep qa.parquet in step with the runs reported
-    except (OSError, PermissionError):
+    except OSError:
         pass  # a read-only store (e.g. a public bucket) is reported on without its table
     labels = {key: label for key, label, _ in METRICS}
     table = {key: np.array([np.nan if r[key] is None else float(r[key]) for r in rows]) for key, _, _ in METRICS}

@@ -29,7 +29,6 @@ import torch
 import torch.nn.functional as F
 
 from ..load import WindowDataset, WindowLoader, WindowMapDataset, build_index
-from ..store import Store
 from .configs import Config
 from .descriptors import describe
 
@@ -121,18 +120,18 @@ class StoreBatches:
 
     def texts(self, batch: dict[str, Any], data: torch.Tensor) -> list[str]:
         """Descriptor sentences of each window of a batch (cached by run and start)."""
-        out = []
-        for k, (run_id, start) in enumerate(zip(batch["run_id"], batch["start"].tolist())):
-            key = (run_id, start)
-            if key not in self._descriptions:
-                self._descriptions[key] = describe(data[k].float().cpu().numpy(), self.parcel_labels(run_id))
-            out.append(self._descriptions[key])
-        return out
+        keys = list(zip(batch["run_id"], batch["start"].tolist()))
+        if any(key not in self._descriptions for key in keys):
+            windows = data.float().cpu().numpy()  # one copy off the device per batch
+            for k, key in enumerate(keys):
+                if key not in self._descriptions:
+                    self._descriptions[key] = describe(windows[k], self.parcel_labels(key[0]))
+        return [self._descriptions[key] for key in keys]
 
     def parcel_labels(self, run_id: str) -> list[str]:
         if run_id not in self._labels:
             entry = next(r for r in self.index.runs if r.run_id == run_id)
-            group = Store.open(self.index.url, self.index.storage_options).run(run_id)
+            group = self.dataset.reader.store().run(run_id)  # the loader's store, opened once
             self._labels[run_id] = list(group[entry.array].attrs["labels"])
         return self._labels[run_id]
 
@@ -155,8 +154,9 @@ class TensorBatches:
 
     def __init__(self, tensors: dict[str, torch.Tensor], batch_size: int, seed: int = 0,
                  shared: dict[str, torch.Tensor] | None = None, device: torch.device | str = "cpu"):
-        self.tensors, self.shared = tensors, dict(shared or {})
         self.batch_size, self.seed, self.step, self.device = int(batch_size), int(seed), 0, torch.device(device)
+        self.tensors = tensors
+        self.shared = {k: v.to(self.device) for k, v in (shared or {}).items()}  # once, not per batch
         self.n = int(tensors["data"].shape[0])
 
     def __iter__(self):
@@ -167,7 +167,7 @@ class TensorBatches:
         rows = torch.randperm(self.n, generator=g)[: self.batch_size]
         self.step += 1
         out = {k: v[rows].to(self.device) for k, v in self.tensors.items()}
-        return {**out, **{k: v.to(self.device) for k, v in self.shared.items()}}
+        return {**out, **self.shared}
 
     def state_dict(self) -> dict[str, Any]:
         return {"step": self.step, "seed": self.seed}

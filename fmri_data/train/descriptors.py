@@ -20,6 +20,8 @@ import numpy as np
 from scipy.sparse import csr_matrix
 from scipy.sparse.csgraph import shortest_path
 
+from ..derive.saliency import correlation
+
 # Schaefer network name prefixes (7- and 17-network parcellations), longest first.
 NETWORKS = (
     ("SalVentAttn", "salience/ventral attention"), ("VentAttn", "ventral attention"), ("DorsAttn", "dorsal attention"),
@@ -40,12 +42,9 @@ def network_of(label: str) -> str:
 
 
 def connectivity(window: np.ndarray) -> np.ndarray:
-    """FC ``(R, R)`` float64 of a window ``(R, L)``; constant parcels get 0 correlation."""
-    x = np.asarray(window, dtype=np.float64)
-    x = x - x.mean(1, keepdims=True)
-    norm = np.sqrt((x * x).sum(1))
-    x = np.divide(x, norm[:, None], out=np.zeros_like(x), where=norm[:, None] > 0)
-    fc = x @ x.T
+    """FC ``(R, R)`` float64 of a window ``(R, L)`` (Pearson, :func:`fmri_data.derive.saliency.correlation`);
+    constant parcels get 0 correlation, the diagonal is 0."""
+    fc = correlation(np.asarray(window, dtype=np.float64).T)
     np.fill_diagonal(fc, 0.0)
     return fc
 

@@ -19,6 +19,7 @@ so the test runs are never seen by the classifier.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
@@ -45,16 +46,15 @@ class ProbeResult:
 
 
 @torch.no_grad()
-def features(model: nn.Module, cfg: Config, index, device: torch.device, batch_size: int = 8) -> tuple[torch.Tensor, list]:
-    """Frozen tokens ``(N, T, C)`` float32 on CPU of every window of ``index``, and their labels."""
+def features(model: nn.Module, cfg: Config, index, device: torch.device, batch_size: int = 8) -> torch.Tensor:
+    """Frozen tokens ``(N, T, C)`` float32 on CPU of every window of ``index`` (index order)."""
     model.eval()
     ds = eval_dataset(index, cfg)
-    feats, labels = [], []
+    feats = []
     for lo in range(0, len(ds), batch_size):
         batch = collate_windows([ds[i] for i in range(lo, min(lo + batch_size, len(ds)))])
-        labels += batch["labels"]
         feats.append(model.encode(prepare(batch, cfg, device, ds)).float().cpu())
-    return torch.cat(feats), labels
+    return torch.cat(feats)
 
 
 def linear_probe(train_x: np.ndarray, train_y: np.ndarray, test_x: np.ndarray, seed: int = 0) -> np.ndarray:
@@ -112,19 +112,13 @@ def with_prompts(model: nn.Module, cfg: Config, n_prompts: int = 4) -> tuple[nn.
         raise ValueError(f"prompt tuning is NeuroSTORM's; this is a {cfg.family} model")
     if cfg.model.n_prompts:
         return model, cfg
-    from .configs import from_dict
     from .trainer import build_model
 
-    data = cfg.to_dict()
-    data["model"]["n_prompts"] = int(n_prompts)
-    prompted_cfg = from_dict(data)
-    prompted = build_model(prompted_cfg)
+    prompted_cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, n_prompts=int(n_prompts)))
+    prompted = build_model(prompted_cfg)  # prompts are created as zeros; every other weight is loaded
     missing, unexpected = prompted.load_state_dict(model.state_dict(), strict=False)
     if unexpected or any(not k.endswith("prompts") for k in missing):
         raise ValueError(f"cannot add prompts: missing {missing}, unexpected {unexpected}")
-    for blocks in prompted.stages:
-        for blk in blocks:
-            nn.init.zeros_(blk.prompts)
     return prompted.to(next(model.parameters()).device), prompted_cfg
 
 
@@ -208,8 +202,8 @@ def run_probe(model: nn.Module, cfg: Config, url: str, *, label: str, test: dict
     index = family_index(url, cfg, source=source, where=where)
     labels = [index.labels(i) for i in range(len(index))]
     y_all = [lab.get(label) for lab in labels]
-    held = np.array([all(str(lab.get(k)) in {str(v) for v in (vals if isinstance(vals, (list, tuple)) else [vals])}
-                         for k, vals in test.items()) for lab in labels])
+    held_values = {k: {str(v) for v in (vals if isinstance(vals, (list, tuple)) else [vals])} for k, vals in test.items()}
+    held = np.array([all(str(lab.get(k)) in values for k, values in held_values.items()) for lab in labels])
     has = np.array([v is not None for v in y_all])
     tr, te = has & ~held, has & held
     if not tr.any() or not te.any():
@@ -221,7 +215,7 @@ def run_probe(model: nn.Module, cfg: Config, url: str, *, label: str, test: dict
     if kind == "prompt":
         pred = prompt_tune(model, cfg, index, np.flatnonzero(tr), y[tr], np.flatnonzero(te), len(classes), device, seed=seed)
     else:
-        tokens, _ = features(model.to(device), cfg, index, device)
+        tokens = features(model.to(device), cfg, index, device)
         if kind == "linear":
             pooled = (tokens.mean(1) if pool == "mean" else tokens.flatten(1)).numpy()
             pred = linear_probe(pooled[tr], y[tr], pooled[te], seed)

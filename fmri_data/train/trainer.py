@@ -160,7 +160,7 @@ class Trainer:
         self.model = model.to(self.device)
         self.batches = batches
         self.log = log or (lambda line: None)
-        params = [p for p in self.model.parameters() if p.requires_grad]
+        self.params = params = [p for p in self.model.parameters() if p.requires_grad]
         if not params:
             raise ValueError("the model has no trainable parameters")
         self.optimizer = torch.optim.AdamW(params, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay,
@@ -226,7 +226,7 @@ class Trainer:
             loss, metrics = self.model(batch, generator)
         if not torch.isfinite(loss):
             raise FloatingPointError(f"loss is {loss.item()} at step {self.step}")
-        params = [p for g in self.optimizer.param_groups for p in g["params"]]
+        params = self.params
         if self.scaler is not None:  # pragma: no cover - CUDA fp16 only
             self.scaler.scale(loss).backward()
             self.scaler.unscale_(self.optimizer)
