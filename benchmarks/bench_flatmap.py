@@ -36,9 +36,9 @@ from scipy.interpolate import LinearNDInterpolator
 from scipy.spatial import Delaunay
 
 from fmri_data.derive import flatmap as fm
-from fmri_data.read import open_gifti_series
+from fmri_data.read.gifti import open_gifti_series
 from fmri_data.resample.operator import PreparedOperator, cuda_available
-from fmri_data.surfaces import load_family
+from fmri_data.reference.surfaces import load_family
 
 DATA = Path(__file__).resolve().parents[2] / "shared/data"
 RUN = DATA / "bids/ds-real/derivatives/preproc/sub-010188/ses-02/func"

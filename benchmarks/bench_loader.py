@@ -57,7 +57,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from fmri_data.load import WindowDataset, WindowLoader, build_index  # noqa: E402
-from fmri_data.store import Store  # noqa: E402
+from fmri_data.store.root import Store  # noqa: E402
 
 BATCH = 4
 

@@ -39,8 +39,8 @@ import psutil
 import scipy.sparse as sp
 from nilearn.image import resample_img
 
-from fmri_data.grids import template_grid
-from fmri_data.read import open_volume
+from fmri_data.reference.grids import template_grid
+from fmri_data.read.nifti import open_volume
 from fmri_data.resample import PreparedOperator, resample_volume
 from fmri_data.resample.operator import cuda_available
 

@@ -17,9 +17,10 @@ from pathlib import Path
 
 import numpy as np
 
-from fmri_data.derive import saliency as sal
+from fmri_data.derive.scorers import BUILTIN, dvars
+from fmri_data.derive.windows import window_starts
 from fmri_data.derive import saliency_net as net
-from fmri_data.read import open_cifti
+from fmri_data.read.cifti import open_cifti
 
 HCP = Path(__file__).resolve().parents[2] / "shared/data/roi/hcp-rest_schaefer400x17+subcortex19_tr-0.72.ptseries.nii"
 
@@ -42,11 +43,11 @@ def main() -> None:
     args = parser.parse_args()
 
     x = open_cifti(args.series).read()
-    starts = sal.window_starts(x.shape[0], 40, 40)
+    starts = window_starts(x.shape[0], 40, 40)
     print(f"series {x.shape} float32, {len(starts)} windows of 40 frames")
-    baseline = best_of(lambda: sal.dvars(x, starts, 40), args.repeat)
+    baseline = best_of(lambda: dvars(x, starts, 40), args.repeat)
     print(f"baseline dvars: {baseline * 1e3:.1f} ms")
-    for name, scorer in sal.BUILTIN.items():
+    for name, scorer in BUILTIN.items():
         t = best_of(lambda: scorer.fn(x, starts, 40), args.repeat)
         print(f"{name:16s} {t * 1e3:9.1f} ms   {t / baseline:8.1f} x dvars")
 

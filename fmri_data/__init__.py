@@ -23,24 +23,31 @@ _EXPORTS = {
     "convert": ("fmri_data.convert", "convert"),
     "ConvertReport": ("fmri_data.convert", "ConvertReport"),
     "discover": ("fmri_data.discover", "discover"),
-    "load_recipe": ("fmri_data.recipe", "load_recipe"),
-    "Store": ("fmri_data.store", "Store"),
-    "validate_store": ("fmri_data.validate", "validate_store"),
+    "load_recipe": ("fmri_data.config.recipe", "load_recipe"),
+    "Store": ("fmri_data.store.root", "Store"),
+    "validate_store": ("fmri_data.store.validate", "validate_store"),
 }
 
 
+# ``convert`` and ``discover`` are also the names of a subpackage and a module. Once either is
+# imported, Python binds ``fmri_data.convert`` (``fmri_data.discover``) to it, so both are
+# callable modules that call the function of the same name: ``from fmri_data import convert``
+# gives something that converts, whichever import came first.
 def __getattr__(name: str) -> Any:  # lazy imports keep `import fmri_data` cheap
     if name in _EXPORTS:
         import importlib
 
         module, attr = _EXPORTS[name]
-        return getattr(importlib.import_module(module), attr)
+        value = getattr(importlib.import_module(module), attr)
+        if name not in ("convert", "discover"):  # those two are also subpackage/module names (see below)
+            globals()[name] = value
+        return value
     raise AttributeError(f"module 'fmri_data' has no attribute {name!r}")
 
 
 if TYPE_CHECKING:  # pragma: no cover
     from .convert import ConvertReport, convert
     from .discover import discover
-    from .recipe import load_recipe
-    from .store import Store
-    from .validate import validate_store
+    from .config.recipe import load_recipe
+    from .store.root import Store
+    from .store.validate import validate_store

@@ -15,6 +15,9 @@ recipe decides which source feeds which output.
 
 from __future__ import annotations
 
+import sys
+import types
+
 import csv
 import json
 import logging
@@ -502,3 +505,13 @@ def _find_mask(volume: Source, masks: list[tuple[Path, dict[str, str]]]) -> str 
         if all(ent.get(k) == v for k, v in want.items()) and posixpath.dirname(path) == posixpath.dirname(volume.path):
             return str(path)
     return None
+
+
+class _CallableModule(types.ModuleType):
+    """This module, callable as its function of the same name (see ``fmri_data/__init__.py``)."""
+
+    def __call__(self, *args, **kwargs):
+        return discover(*args, **kwargs)
+
+
+sys.modules[__name__].__class__ = _CallableModule

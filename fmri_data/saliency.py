@@ -40,10 +40,16 @@ from typing import Any, Callable
 import numpy as np
 import zarr
 
-from .derive import saliency as sal
+from .derive.scorers import BUILTIN, builtin_names, check_window, cube_means, finite_or_zero, top_k
+from .derive.motion import (
+    MOTION_DESCRIPTION, MOTION_SUFFIX, censored_frames, framewise_displacement, motion_penalize, split_motion,
+    window_source_frames,
+)
+from .derive.windows import window_starts
 from .errors import StoreError
-from .schema import to_json, validate
-from .store import RUNS, STAGING, Store, compressors, now, software_versions
+from .config.schema import to_json, validate
+from .store.layout import RUNS, STAGING, compressors, now, software_versions
+from .store.root import Store
 
 warnings.filterwarnings("ignore", message="Object at models is not recognized")
 
@@ -78,7 +84,7 @@ class SaliencySettings:
     cube_voxels: int = DEFAULT_CUBE_VOXELS
 
     def __post_init__(self):
-        sal.check_window(self.window, self.stride, self.k)
+        check_window(self.window, self.stride, self.k)
         if self.fd_threshold_mm <= 0 or self.cube_voxels < 1:
             raise ValueError(f"saliency needs fd_threshold_mm > 0 and cube_voxels >= 1 (got {self.fd_threshold_mm}, {self.cube_voxels})")
         for source in self.sources:
@@ -227,7 +233,7 @@ def _motion_reason(data: RunData) -> tuple[np.ndarray | None, str | None]:
     if values.shape[0] != data.n_frames_source:
         return None, f"confounds have {values.shape[0]} rows for {data.n_frames_source} source frames: no framewise displacement"
     try:
-        return sal.framewise_displacement(columns, values, FD_RADIUS_MM), None
+        return framewise_displacement(columns, values, FD_RADIUS_MM), None
     except ValueError as exc:
         shown = ", ".join(columns[:3]) + (f", ... ({len(columns)} columns)" if len(columns) > 3 else "")
         return None, (
@@ -255,24 +261,24 @@ def score_run(
         ValueError: an unknown scorer name.
     """
     learned = learned or {}
-    starts = sal.window_starts(data.n_frames, settings.window, settings.stride)
+    starts = window_starts(data.n_frames, settings.window, settings.stride)
     builtin_source = choose_source(settings.sources, data.roi_keys, data.load_bold is not None)
     fd = reason_fd = None
     results: list[WindowScores] = []
     skipped: dict[str, str] = {}
     for name in settings.scorers:
-        base, motion = sal.split_motion(name)
+        base, motion = split_motion(name)
         params: dict[str, Any] = {}
         extra: dict[str, Any] = {}
-        if base in sal.BUILTIN:
-            scorer = sal.BUILTIN[base]
+        if base in BUILTIN:
+            scorer = BUILTIN[base]
             source = builtin_source
             if source is None:
                 skipped[name] = f"none of the saliency sources {list(settings.sources)} is in the run"
                 continue
             x = data.series(source)
             if source == "bold" and scorer.needs_cubes:
-                x = sal.cube_means(x, data.mask(), settings.cube_voxels)
+                x = cube_means(x, data.mask(), settings.cube_voxels)
                 params["cube_voxels"] = settings.cube_voxels
                 params["n_cubes"] = int(x.shape[1])
             try:
@@ -302,7 +308,7 @@ def score_run(
             extra["model"] = {"name": base, "path": model.record["path"], "sha256": model.record["sha256"]}
         else:
             raise ValueError(
-                f"unknown saliency scorer '{name}'; built-in: {', '.join(sal.builtin_names())}"
+                f"unknown saliency scorer '{name}'; built-in: {', '.join(builtin_names())}"
                 + (f"; fitted: {', '.join(learned)}" if learned else "")
             )
         censored = None
@@ -312,16 +318,16 @@ def score_run(
             if fd is None:
                 skipped[name] = reason_fd
                 continue
-            ranges = sal.window_source_frames(starts, settings.window, data.tr_s, data.source_tr_s, data.n_frames_source)
-            flags = sal.censored_frames(fd, settings.fd_threshold_mm, CENSOR_BEFORE, CENSOR_AFTER)
-            raw, censored = sal.motion_penalize(raw, flags, ranges)
-            description += sal.MOTION_DESCRIPTION.format(threshold=settings.fd_threshold_mm)
+            ranges = window_source_frames(starts, settings.window, data.tr_s, data.source_tr_s, data.n_frames_source)
+            flags = censored_frames(fd, settings.fd_threshold_mm, CENSOR_BEFORE, CENSOR_AFTER)
+            raw, censored = motion_penalize(raw, flags, ranges)
+            description += MOTION_DESCRIPTION.format(threshold=settings.fd_threshold_mm)
             params.update(
                 fd_threshold_mm=settings.fd_threshold_mm, censor_before=CENSOR_BEFORE, censor_after=CENSOR_AFTER,
                 fd_radius_mm=FD_RADIUS_MM, fd_mean_mm=float(fd.mean()), censored_source_frames=int(flags.sum()),
             )
-        scores = sal.finite_or_zero(raw)
-        topk = sal.top_k(scores, settings.k)
+        scores = finite_or_zero(raw)
+        topk = top_k(scores, settings.k)
         attrs = {
             "scorer": name,
             "source": source,
@@ -524,11 +530,11 @@ def score_store(
     )
     if settings is None:
         raise ValueError(f"{store.url}: no saliency scorer given and the store's recipe has no saliency section")
-    learned = load_learned(store, [sal.split_motion(s)[0] for s in settings.scorers if sal.split_motion(s)[0] not in sal.BUILTIN])
-    unknown = [s for s in settings.scorers if sal.split_motion(s)[0] not in sal.BUILTIN and sal.split_motion(s)[0] not in learned]
+    learned = load_learned(store, [split_motion(s)[0] for s in settings.scorers if split_motion(s)[0] not in BUILTIN])
+    unknown = [s for s in settings.scorers if split_motion(s)[0] not in BUILTIN and split_motion(s)[0] not in learned]
     if unknown:
         raise ValueError(
-            f"unknown saliency scorer(s) {', '.join(unknown)}; built-in: {', '.join(sal.builtin_names())}; "
+            f"unknown saliency scorer(s) {', '.join(unknown)}; built-in: {', '.join(builtin_names())}; "
             f"fitted in this store: {', '.join(store.attrs.get('saliency_models') or {}) or 'none'}"
         )
     reports = []
@@ -585,8 +591,8 @@ def fit_store(
 
     from .derive import saliency_net as net_mod
 
-    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_-]*", name) or name.endswith(sal.MOTION_SUFFIX) or name in sal.BUILTIN:
-        raise ValueError(f"'{name}' cannot name a fitted scorer (letters, digits, _ and -; not a built-in or *{sal.MOTION_SUFFIX})")
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_-]*", name) or name.endswith(MOTION_SUFFIX) or name in BUILTIN:
+        raise ValueError(f"'{name}' cannot name a fitted scorer (letters, digits, _ and -; not a built-in or *{MOTION_SUFFIX})")
     key = roi.removeprefix("roi/")
     store = Store.open(url, storage_options)
     series, labels = [], None
@@ -696,7 +702,7 @@ def check_run_saliency(store: Store, group: zarr.Group, run_attrs: dict[str, Any
         if bad:
             problems += bad
             continue
-        expected_starts = sal.window_starts(run_attrs["n_frames"], attrs["window"], attrs["stride"])
+        expected_starts = window_starts(run_attrs["n_frames"], attrs["window"], attrs["stride"])
         if attrs["n_frames"] != run_attrs["n_frames"]:
             problems.append(f"{here}: n_frames {attrs['n_frames']}, the run has {run_attrs['n_frames']}")
         if not np.array_equal(starts, expected_starts):
@@ -709,7 +715,7 @@ def check_run_saliency(store: Store, group: zarr.Group, run_attrs: dict[str, Any
             continue
         if len(topk) != attrs["k"] or attrs["k"] != min(attrs["k_requested"], len(scores)):
             problems.append(f"{here}/topk: {len(topk)} indices, k={attrs['k']}, k_requested={attrs['k_requested']}, {len(scores)} windows")
-        elif not np.array_equal(topk, sal.top_k(scores, attrs["k"])):
+        elif not np.array_equal(topk, top_k(scores, attrs["k"])):
             if len(topk) and (topk.min() < 0 or topk.max() >= len(scores)):
                 problems.append(f"{here}/topk: indices outside [0, {len(scores)})")
             else:

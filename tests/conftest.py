@@ -23,13 +23,16 @@ def haxby_run(n: int) -> Path:
     return HAXBY / f"sub-haxby1_task-objectviewing_run-{n:02d}_bold.nii.gz"
 
 
-def pytest_sessionstart(session):
+def require_data() -> None:
+    """Fail the calling fixture in one line when the real data is missing (tests of pure
+    functions do not use these fixtures and run without it)."""
     if not DS_REAL.is_dir():
-        raise pytest.UsageError(f"test data not found at {DATA} (set FMRI_DATA_TEST_DATA)")
+        pytest.fail(f"test data not found at {DATA} (set FMRI_DATA_TEST_DATA)", pytrace=False)
 
 
 @pytest.fixture(scope="session")
 def atlas_dir() -> str:
+    require_data()
     return str(ATLASES)
 
 

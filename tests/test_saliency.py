@@ -13,24 +13,23 @@ import zarr
 from typer.testing import CliRunner
 
 from conftest import DS_REAL, HCP_PTSERIES, haxby_run, make_bids
-from fmri_data.cli import app
+from fmri_data.cli.main import app
 from fmri_data.convert import convert
-from fmri_data.derive import saliency as sal
+from fmri_data.derive.scorers import (
+    builtin_names, cube_means, dfc_distance, dvars, global_variance, parcel_variance, top_k,
+)
+from fmri_data.derive.motion import censored_frames, framewise_displacement, window_source_frames
+from fmri_data.derive.windows import window_starts
 from fmri_data.derive import saliency_net as net
 from fmri_data.errors import StoreError
-from fmri_data.inspect import summarize
-from fmri_data.read import open_cifti, read_confounds
-from fmri_data.recipe import load_recipe
-from fmri_data.saliency import (
-    RunData,
-    SaliencySettings,
-    read_run_saliency,
-    score_run,
-    score_store,
-)
-from fmri_data.schema import load_schema
-from fmri_data.store import Store
-from fmri_data.validate import validate_store
+from fmri_data.store.inspect import summarize
+from fmri_data.read.cifti import open_cifti
+from fmri_data.read.tables import read_confounds
+from fmri_data.config.recipe import load_recipe
+from fmri_data.saliency import RunData, SaliencySettings, read_run_saliency, score_run, score_store
+from fmri_data.config.schema import load_schema
+from fmri_data.store.root import Store
+from fmri_data.store.validate import validate_store
 
 CONFOUNDS = DS_REAL / "derivatives/preproc/sub-haxby1/func"
 HCP_RUN = "sub-hcp1_task-rest"
@@ -64,31 +63,31 @@ def _arrays(store: Store, run_id: str) -> dict:
 
 # ----------------------------------------------------------------------------- numerics
 def test_windows_and_top_k():
-    np.testing.assert_array_equal(sal.window_starts(121, 40, 40), [0, 40, 80])
-    np.testing.assert_array_equal(sal.window_starts(121, 40, 20), [0, 20, 40, 60, 80])
-    assert sal.window_starts(39, 40, 10).shape == (0,)
+    np.testing.assert_array_equal(window_starts(121, 40, 40), [0, 40, 80])
+    np.testing.assert_array_equal(window_starts(121, 40, 20), [0, 20, 40, 60, 80])
+    assert window_starts(39, 40, 10).shape == (0,)
     with pytest.raises(ValueError, match="window must be >= 2"):
-        sal.window_starts(100, 1, 1)
+        window_starts(100, 1, 1)
     # ties go to the earlier window; k larger than n gives every window
-    np.testing.assert_array_equal(sal.top_k(np.array([1.0, 3.0, 3.0, 2.0]), 3), [1, 2, 3])
-    np.testing.assert_array_equal(sal.top_k(np.array([1.0, 3.0]), 5), [1, 0])
+    np.testing.assert_array_equal(top_k(np.array([1.0, 3.0, 3.0, 2.0]), 3), [1, 2, 3])
+    np.testing.assert_array_equal(top_k(np.array([1.0, 3.0]), 5), [1, 0])
     with pytest.raises(ValueError, match="finite"):
-        sal.top_k(np.array([1.0, np.nan]), 1)
+        top_k(np.array([1.0, np.nan]), 1)
 
 
 def test_scorers_follow_their_formulas_on_hcp(hcp_series):
     x = hcp_series[:200, :60]
     w = 40
-    starts = sal.window_starts(200, w, 20)
+    starts = window_starts(200, w, 20)
     windows = [x[s : s + w].astype(np.float64) for s in starts]
-    np.testing.assert_allclose(sal.global_variance(x, starts, w), [np.var(v.mean(axis=1)) for v in windows], rtol=1e-10)
-    np.testing.assert_allclose(sal.parcel_variance(x, starts, w), [np.var(v, axis=0).mean() for v in windows], rtol=1e-10)
+    np.testing.assert_allclose(global_variance(x, starts, w), [np.var(v.mean(axis=1)) for v in windows], rtol=1e-10)
+    np.testing.assert_allclose(parcel_variance(x, starts, w), [np.var(v, axis=0).mean() for v in windows], rtol=1e-10)
     dv = [np.sqrt(np.mean(np.diff(v, axis=0) ** 2, axis=1)).mean() for v in windows]
-    np.testing.assert_allclose(sal.dvars(x, starts, w), dv, rtol=1e-10)
+    np.testing.assert_allclose(dvars(x, starts, w), dv, rtol=1e-10)
     iu = np.triu_indices(x.shape[1], 1)
     fcs = [np.corrcoef(v.T)[iu] for v in windows]
     mean = np.mean(fcs, axis=0)
-    np.testing.assert_allclose(sal.dfc_distance(x, starts, w), [np.abs(f - mean).mean() for f in fcs], rtol=1e-9)
+    np.testing.assert_allclose(dfc_distance(x, starts, w), [np.abs(f - mean).mean() for f in fcs], rtol=1e-9)
 
 
 def test_cube_means_known_answer():
@@ -98,13 +97,13 @@ def test_cube_means_known_answer():
     mask[3, 3, 3] = True  # cube (1,1,1): 1 voxel
     ijk = np.argwhere(mask)
     x = np.array([[i + 10 * j for i in range(len(ijk))] for j in range(3)], dtype=np.float32)
-    out = sal.cube_means(x, mask, 2)
+    out = cube_means(x, mask, 2)
     np.testing.assert_allclose(out, [[3.5 + 10 * j, 8 + 10 * j] for j in range(3)])
 
 
 def test_framewise_displacement_on_real_haxby_motion():
     columns, values = haxby_confounds(1)
-    fd = sal.framewise_displacement(columns, values)
+    fd = framewise_displacement(columns, values)
     c = {name: values[:, i].astype(np.float64) for i, name in enumerate(columns)}
     for t in (1, 50, 120):
         expected = sum(abs(c[f"trans_{a}"][t] - c[f"trans_{a}"][t - 1]) for a in "xyz")
@@ -116,16 +115,16 @@ def test_framewise_displacement_on_real_haxby_motion():
         DS_REAL / "derivatives/preproc/sub-010188/ses-02/func/sub-010188_ses-02_task-rest_acq-AP_run-01_desc-confounds_timeseries.tsv"
     )
     with pytest.raises(ValueError, match="no trans_x"):
-        sal.framewise_displacement(columns, values)
-    flags = sal.censored_frames(np.array([0, 0, 0, 0.9, 0, 0, 0, 0]), 0.5)
+        framewise_displacement(columns, values)
+    flags = censored_frames(np.array([0, 0, 0, 0.9, 0, 0, 0, 0]), 0.5)
     np.testing.assert_array_equal(np.flatnonzero(flags), [2, 3, 4, 5])  # 1 before, 2 after (Power 2012)
 
 
 def test_windows_map_to_source_frames_across_trs():
-    same = sal.window_source_frames(np.array([0, 40]), 40, 2.5, 2.5, 121)
+    same = window_source_frames(np.array([0, 40]), 40, 2.5, 2.5, 121)
     np.testing.assert_array_equal(same, [[0, 40], [40, 80]])
     # stored at 2.0 s from a 0.72 s source: window [10, 20) spans 20.0..38.0 s -> source frames 28..52
-    np.testing.assert_array_equal(sal.window_source_frames(np.array([10]), 10, 2.0, 0.72, 1200), [[28, 53]])
+    np.testing.assert_array_equal(window_source_frames(np.array([10]), 10, 2.0, 0.72, 1200), [[28, 53]])
 
 
 def test_motion_penalised_scorer_demotes_injected_fd_spikes(slim_roi_store):
@@ -146,7 +145,7 @@ def test_motion_penalised_scorer_demotes_injected_fd_spikes(slim_roi_store):
     after = {r.scorer: r for r in score_run(injected, settings)[0]}
     penalised = after["dvars_motion_penalized"]
     rank_before = list(clean.topk).index(best)
-    order_after = list(sal.top_k(penalised.scores, len(penalised.scores)))
+    order_after = list(top_k(penalised.scores, len(penalised.scores)))
     assert order_after.index(best) > rank_before
     assert best not in penalised.topk and order_after[-1] == best
     assert penalised.censored[best] >= 8 and penalised.scores[best] < clean.scores[best] / 8
@@ -236,7 +235,7 @@ def test_schemas_document_the_contract():
     required = set(run_schema["$defs"]["saliency_attrs"]["required"])
     assert {"scorer", "source", "window", "stride", "k", "description"} <= required
     recipe_enum = load_schema("recipe")["properties"]["saliency"]["properties"]["scorers"]["items"]["enum"]
-    assert sorted(recipe_enum) == sorted(sal.builtin_names())
+    assert sorted(recipe_enum) == sorted(builtin_names())
     assert "saliency_models" in load_schema("store")["properties"]
     recipe = load_recipe("slim_brain")
     assert recipe["store"]["chunk_frames"] == 40 and recipe["saliency"]["window"] == 40 and recipe["volume"]["shape"] == [96, 96, 96]
@@ -293,7 +292,7 @@ def test_learned_scorer_trains_on_real_hcp_series(hcp_series):
     losses = np.array(result.losses)
     assert losses.shape == (100,) and np.all(np.isfinite(losses))
     assert losses[-10:].mean() < 0.9 * losses[:10].mean()
-    starts = sal.window_starts(1200, 40, 40)
+    starts = window_starts(1200, 40, 40)
     scores = net.reconstruction_error(result.net, result.config, hcp_series, starts, 40)
     assert scores.shape == (30,) and np.all(scores > 0)
     # deterministic: serialising and reloading, or fitting again with the same seed, changes nothing
@@ -309,7 +308,7 @@ def test_learned_scorer_trains_on_real_hcp_series(hcp_series):
 @pytest.mark.skipif(not __import__("torch").cuda.is_available(), reason="no CUDA device")
 def test_learned_scorer_cuda_matches_cpu(hcp_series):  # pragma: no cover - needs a GPU
     result = net.fit([hcp_series], 40, steps=5, batch=4, seed=0)
-    starts = sal.window_starts(1200, 40, 40)
+    starts = window_starts(1200, 40, 40)
     cpu = net.reconstruction_error(result.net, result.config, hcp_series, starts, 40, device="cpu")
     gpu = net.reconstruction_error(result.net, result.config, hcp_series, starts, 40, device="cuda")
     np.testing.assert_allclose(gpu, cpu, rtol=1e-4)

@@ -11,7 +11,20 @@ Modules: ``dataset`` (the whole dataset), ``run`` (one run), ``volume`` / ``surf
 ``tables`` (one kind of output each), ``context`` (per-run state and operator caches).
 """
 
+import sys
+import types
+
 from .dataset import ConvertReport, convert
 from .run import RunResult, convert_run
 
 __all__ = ["ConvertReport", "RunResult", "convert", "convert_run"]
+
+
+class _CallableModule(types.ModuleType):
+    """This module, callable as its function of the same name (see ``fmri_data/__init__.py``)."""
+
+    def __call__(self, *args, **kwargs):
+        return convert(*args, **kwargs)
+
+
+sys.modules[__name__].__class__ = _CallableModule

@@ -9,15 +9,15 @@ from typing import Any, Callable
 
 import numpy as np
 
-from ..atlases import Atlas, load_atlas
+from ..reference.atlases import Atlas, load_atlas
 from ..derive.roi import ParcelOperator, volume_parcel_operator
 from ..derive.volume import normalize
 from ..discover import RunSpec
 from ..errors import InputError
-from ..grids import Grid
-from ..read import file_sha256
-from ..recipe import Recipe
-from ..store import RunWriter
+from ..reference.grids import Grid
+from ..read.common import file_sha256
+from ..config.recipe import Recipe
+from ..store.writer import RunWriter
 
 #: Source frames read per block (bounded by bytes: ~256 MiB of float32 per block).
 BLOCK_BYTES = 256 * 2**20
@@ -29,7 +29,7 @@ def frames_per_block(n_frames: int, values_per_frame: int) -> int:
 
 
 def temporal_mean(vol) -> np.ndarray:
-    """``(X, Y, Z)`` float64 mean over time of a :class:`~fmri_data.read.VolumeSeries`
+    """``(X, Y, Z)`` float64 mean over time of a :class:`~fmri_data.read.nifti.VolumeSeries`
     (NaN/inf counted as 0), streamed in blocks of :func:`frames_per_block` frames."""
     total = np.zeros(vol.shape[:3], dtype=np.float64)
     for _, _, block in vol.iter_frames(frames_per_block(vol.n_frames, np.prod(vol.shape[:3]))):
@@ -91,7 +91,7 @@ class RunContext:
         roi: stored ROI series by array key, ``(T_out, R)`` float32 (normalized as stored).
         confounds: ``(columns, (T_in, C) float32)`` or None.
         source_frames: what the volume QA metrics need from the source frames
-            (:class:`fmri_data.convert.qa.SourceFrames`), gathered in the converter's
+            (:class:`fmri_data.convert.outputs.qa.SourceFrames`), gathered in the converter's
             streaming pass; QA takes it (and drops it) or reads the source itself when None.
         origin: local copy -> original URL, for files fetched from remote storage.
     """

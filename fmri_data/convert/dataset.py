@@ -6,11 +6,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .. import engine
+from . import engine
 from ..discover import discover
 from ..qa.table import write_qa_table
-from ..recipe import Recipe, load_recipe, recipe_hash
-from ..store import Store
+from ..config.recipe import Recipe, load_recipe, recipe_hash
+from ..store.root import Store
 from .context import cached_atlas
 from .run import RunResult, convert_run
 

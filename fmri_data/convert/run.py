@@ -9,16 +9,18 @@ from typing import Any
 
 from ..discover import RunSpec, Source
 from ..errors import FmriDataError
-from ..recipe import Recipe, recipe_hash
-from ..remote import local_copies
-from ..store import RunWriter, Store, now, software_versions
+from ..config.recipe import Recipe, recipe_hash
+from ..read.remote import local_copies
+from ..store.writer import RunWriter
+from ..store.root import Store
+from ..store.layout import now, software_versions
 from .context import RunContext
-from .flat import flat_outputs
-from .qa import qa_outputs
-from .saliency import saliency_outputs
-from .surface import cifti_outputs, gifti_outputs
-from .tables import table_outputs
-from .volume import volume_outputs
+from .outputs.flat import flat_outputs
+from .outputs.qa import qa_outputs
+from .outputs.saliency import saliency_outputs
+from .outputs.surface import cifti_outputs, gifti_outputs
+from .outputs.tables import table_outputs
+from .outputs.volume import volume_outputs
 
 log = logging.getLogger(__name__)
 

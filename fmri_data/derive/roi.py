@@ -26,10 +26,10 @@ import nibabel as nib
 import numpy as np
 import scipy.sparse as sp
 
-from ..atlases import Atlas, VolumeAtlas
+from ..reference.atlases import Atlas, VolumeAtlas
 from ..errors import InputError
 from ..resample.spatial import nearest_index, resampling_matrix
-from ..surfaces import load_mesh
+from ..reference.surfaces import load_mesh
 
 
 @dataclass

@@ -33,8 +33,9 @@ layer uses::
 - :mod:`.order`: the pure functions that decide the order.
 """
 
-from .dataset import (LAYOUTS, Layout, WindowDataset, WindowLoader, WindowMapDataset, collate_windows, layout,
-                      normalize_frames)
+from .dataset import (
+    LAYOUTS, Layout, WindowDataset, WindowLoader, WindowMapDataset, collate_windows, layout, normalize_frames,
+)
 from .index import DEFAULT_HRF_DELAY_S, RunEntry, WindowIndex, build_index, event_starts, sliding_starts, split_of
 from .order import epoch_order, rank_positions, worker_positions
 from .reader import ChunkError, WindowReader

@@ -33,9 +33,10 @@ from typing import Any, Iterable
 
 import numpy as np
 
-from ..derive.saliency import window_starts
+from ..derive.windows import window_starts
 from ..errors import StoreError
-from ..store import RUNS, Store
+from ..store.layout import RUNS
+from ..store.root import Store
 
 #: Default delay of the haemodynamic response added to event onsets (seconds).
 DEFAULT_HRF_DELAY_S = 5.0
@@ -175,7 +176,7 @@ def split_of(key: str, seed: int, fractions: dict[str, float]) -> str:
 
 def sliding_starts(n_frames: int, length: int, stride: int) -> np.ndarray:
     """``(n,) int64`` starts ``0, stride, ...`` with ``start + length <= n_frames``: the
-    saliency scorers' window grid (:func:`fmri_data.derive.saliency.window_starts`), where
+    saliency scorers' window grid (:func:`fmri_data.derive.windows.window_starts`), where
     a window may also be a single frame.
 
     Raises:

@@ -22,8 +22,9 @@ import numpy as np
 from fsspec.implementations.local import LocalFileSystem
 
 from ..errors import FmriDataError
-from ..store import RUNS, Store
-from .chunks import EMPTY, chunk_spans, direct_layout, read_frames, shard_index, will_need
+from ..store.layout import RUNS
+from ..store.root import Store
+from ..store.direct import EMPTY, chunk_spans, direct_layout, read_frames, shard_index, will_need
 from .index import WindowIndex
 
 log = logging.getLogger("fmri_data.load")

@@ -25,7 +25,8 @@ import numpy as np
 from jinja2 import Environment, FileSystemLoader, select_autoescape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from ..store import Store, now
+from ..store.root import Store
+from ..store.layout import now
 from . import figures
 from .table import METRICS, qa_rows, write_qa_table
 

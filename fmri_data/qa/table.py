@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from ..store import Store
+from ..store.root import Store
 
 TABLE = "qa.parquet"
 

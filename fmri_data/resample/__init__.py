@@ -2,16 +2,12 @@
 
 from .operator import PreparedOperator, apply_operator, resolve_backend
 from .spatial import (
-    grid_indices,
-    inside_source,
-    nearest_index,
-    resample_mask,
-    resample_volume,
-    resampling_matrix,
-    source_coordinates,
-    trilinear_weights,
+    grid_indices, inside_source, nearest_index, resample_mask, resample_volume, resampling_matrix,
+    source_coordinates, trilinear_weights,
 )
-from .temporal import antialias_filter, lowpass, n_output_frames, resample_tr, resample_tr_reference, temporal_operator
+from .temporal import (
+    antialias_filter, lowpass, n_output_frames, resample_tr, resample_tr_reference, temporal_operator,
+)
 
 __all__ = [
     "PreparedOperator",

@@ -16,7 +16,7 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
-import yaml
+from ..config.overrides import split_pair, yaml_value
 
 
 @dataclass
@@ -168,15 +168,13 @@ def get_config(family: str, name: str = "tiny", overrides: list[str] | None = No
 
 def apply_override(cfg: Config, item: str) -> None:
     """Set ``model.<field>=<yaml>`` or ``train.<field>=<yaml>`` (a bare field is looked up in both)."""
-    key, sep, raw = item.partition("=")
-    if not sep:
-        raise ValueError(f"override '{item}' is not key=value")
+    key, raw = split_pair(item, "override")
     section, _, name = key.strip().rpartition(".")
     targets = [getattr(cfg, section)] if section in ("model", "train") else [cfg.model, cfg.train] if not section else []
     target = next((t for t in targets if name in {f.name for f in dataclasses.fields(t)}), None)
     if target is None:
         raise ValueError(f"override '{item}': no field '{key}' in the {cfg.family} config")
-    value = yaml.safe_load(raw)
+    value = yaml_value(raw)
     current = getattr(target, name)
     if isinstance(current, tuple) and isinstance(value, list):
         value = tuple(value)

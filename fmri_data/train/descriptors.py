@@ -20,7 +20,7 @@ import numpy as np
 from scipy.sparse import csr_matrix
 from scipy.sparse.csgraph import shortest_path
 
-from ..derive.saliency import correlation
+from ..derive.scorers import correlation
 
 # Schaefer network name prefixes (7- and 17-network parcellations), longest first.
 NETWORKS = (
@@ -42,7 +42,7 @@ def network_of(label: str) -> str:
 
 
 def connectivity(window: np.ndarray) -> np.ndarray:
-    """FC ``(R, R)`` float64 of a window ``(R, L)`` (Pearson, :func:`fmri_data.derive.saliency.correlation`);
+    """FC ``(R, R)`` float64 of a window ``(R, L)`` (Pearson, :func:`fmri_data.derive.scorers.correlation`);
     constant parcels get 0 correlation, the diagonal is 0."""
     fc = correlation(np.asarray(window, dtype=np.float64).T)
     np.fill_diagonal(fc, 0.0)

@@ -1,0 +1,1 @@
+"""The ``fmri-data`` command line (entry point :func:`fmri_data.cli.main.main`)."""

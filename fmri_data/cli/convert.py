@@ -1,0 +1,75 @@
+"""Command line: ``fmri-data convert`` (a BIDS dataset into a store)."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.markup import escape
+
+from ..errors import FmriDataError
+
+from .app import console, err_console, fail, parse_options
+
+
+
+def convert(
+    bids_root: str = typer.Argument(..., help="Raw BIDS dataset (its derivatives/ are used) or a derivatives dataset; path or fsspec URL."),
+    output: str = typer.Argument(..., help="Output store: a local path (OUT.zarr) or an fsspec URL."),
+    recipe: str = typer.Option("default", "--recipe", "-r", help="Bundled recipe name or path to a YAML recipe."),
+    set_: list[str] = typer.Option([], "--set", help="Recipe override key.path=value (repeatable)."),
+    participant_label: list[str] = typer.Option([], "--participant-label", help="Subjects to convert (repeatable)."),
+    task: list[str] = typer.Option([], "--task", help="Tasks to convert (repeatable)."),
+    space: list[str] = typer.Option([], "--space", help="Use only sources in these spaces ('native' = no space entity)."),
+    derivatives: list[str] = typer.Option([], "--derivatives", help="Extra derivatives datasets (repeatable; path or URL)."),
+    atlas_dir: Optional[Path] = typer.Option(None, "--atlas-dir", help="Folder with atlas files (else $FMRI_DATA_ATLAS_DIR)."),
+    scheduler: str = typer.Option("threads", "--scheduler", help="threads | processes | synchronous | tcp://HOST:PORT"),
+    workers: Optional[int] = typer.Option(None, "--workers", "-j", help="Concurrent runs (threads, processes, or SLURM jobs)."),
+    cluster: Optional[str] = typer.Option(None, "--cluster", help="'slurm': start a dask-jobqueue SLURMCluster."),
+    cluster_option: list[str] = typer.Option([], "--cluster-option", help="SLURM setting key=value (cores, memory, walltime, queue, ...)."),
+    input_option: list[str] = typer.Option([], "--input-option", help="fsspec option for a remote BIDS root, key=value (e.g. anon=true)."),
+    output_option: list[str] = typer.Option([], "--output-option", help="fsspec option for a remote store, key=value."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Delete an existing store first."),
+    progress: bool = typer.Option(True, "--progress/--no-progress", help="Show a progress bar."),
+    device: Optional[str] = typer.Option(None, "--device", help="Resampling on auto | cpu | cuda (recipe compute.device; auto = CUDA when present)."),
+) -> None:
+    """Convert a BIDS dataset into a Zarr v3 store; finished runs are skipped on a rerun."""
+    from ..convert import convert as run_convert
+
+    try:
+        report = run_convert(
+            bids_root,
+            output,
+            recipe,
+            overrides=set_ + ([f"compute.device={device}"] if device else []),
+            participant_label=participant_label or None,
+            task=task or None,
+            space=space or None,
+            derivatives=list(derivatives) or None,
+            atlas_dir=str(atlas_dir) if atlas_dir else None,
+            scheduler=scheduler,
+            workers=workers,
+            overwrite=overwrite,
+            progress=progress and sys.stderr.isatty(),
+            storage_options=parse_options(output_option),
+            input_options=parse_options(input_option),
+            cluster=cluster,
+            cluster_options=parse_options(cluster_option),
+        )
+    except (FmriDataError, ValueError) as exc:
+        fail(exc)
+    counts = {s: report.count(s) for s in ("complete", "exists", "skipped", "failed")}
+    console.print(
+        f"{report.store_url}: {counts['complete']} converted, {counts['exists']} already present, "
+        f"{counts['skipped']} skipped, {counts['failed']} failed"
+    )
+    for r in report.results:
+        if r.status == "skipped":
+            console.print(f"[yellow]skipped[/yellow] {r.run_id}: {escape(r.error or '')}")
+    for r in report.failed:
+        err_console.print(f"[red]failed[/red] {r.run_id}: {escape(r.error or '')}")
+    if report.failed:
+        raise typer.Exit(1)
+

@@ -1,0 +1,42 @@
+"""Command line: ``fmri-data convert | inspect | validate | recipes | saliency | windows | flat | qa | train | probe | version``.
+
+Each command lives in the module of its stage (``cli/convert.py``, ``cli/store.py``, ...) as a
+plain function or a sub-command group; this module assembles them, so no command module
+imports another and nothing registers itself as an import side effect.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import typer
+
+from . import convert, flat, load, qa, saliency, store, train
+
+app = typer.Typer(
+    name="fmri-data",
+    help="Turn BIDS fMRI datasets into Zarr v3 training stores for fMRI foundation models.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+app.command()(convert.convert)
+app.command()(store.inspect)
+app.command()(store.validate)
+app.command()(store.recipes)
+app.add_typer(saliency.app, name="saliency")
+app.command()(load.windows)
+app.add_typer(flat.app, name="flat")
+app.command("qa")(qa.qa)
+app.command()(train.train)
+app.command()(train.probe)
+
+
+def main() -> None:  # pragma: no cover - entry point
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    app()
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

@@ -1,0 +1,1 @@
+"""Configuration: recipes (load, extend, hash), the ``key=value`` override parser, JSON Schemas."""

@@ -1,0 +1,153 @@
+"""Lazy NIfTI-1/2 volume series reader (and whole 3D images: masks, atlases).
+
+A :class:`VolumeSeries` never loads a whole run: ``read(start, stop)`` gives frames
+``[start, stop)`` as float32. Volume readers always return voxels in RAS+ order
+(first axis left->right, second posterior->anterior, third inferior->superior) with the
+matching affine, whatever the orientation on disk; scaling (``scl_slope``/``scl_inter``)
+is applied by nibabel's array proxy.
+
+Every failure (missing file, corrupt header, truncated gzip stream, wrong number of
+dimensions) raises :class:`~fmri_data.errors.InputError` naming the file.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from nibabel import orientations
+
+from ..errors import InputError
+
+from .common import READ_ERRORS, TIME_UNITS, check_size, load_image
+
+
+
+def _ras_orientation(affine: np.ndarray) -> np.ndarray:
+    """Orientation transform (nibabel ``ornt``) taking on-disk voxel axes to RAS+."""
+    return orientations.io_orientation(affine)
+
+
+def _ras_affine(affine: np.ndarray, ornt: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
+    return affine @ orientations.inv_ornt_aff(ornt, shape[:3])
+
+
+@dataclass
+class VolumeSeries:
+    """A 4D BOLD volume, read lazily in RAS+ voxel order.
+
+    Attributes:
+        path: the file.
+        shape: ``(X, Y, Z, T)`` in RAS+ order.
+        affine: 4x4 voxel -> world (mm) matrix for RAS+ voxel indices.
+        header_tr_s: repetition time from ``pixdim[4]`` converted to seconds, or None when
+            the header has none.
+        header_time_unit: ``xyzt_units`` time unit as nibabel names it (``sec``, ``msec``,
+            ``usec``, ``unknown``).
+        dtype: on-disk data type.
+    """
+
+    path: str
+    shape: tuple[int, int, int, int]
+    affine: np.ndarray
+    header_tr_s: float | None
+    header_time_unit: str
+    dtype: np.dtype
+    _img: Any = field(repr=False)
+    _ornt: np.ndarray = field(repr=False)
+
+    @property
+    def n_frames(self) -> int:
+        return self.shape[3]
+
+    def read(self, start: int = 0, stop: int | None = None) -> np.ndarray:
+        """Frames ``[start, stop)`` as float32 of shape ``(X, Y, Z, stop - start)`` (RAS+).
+
+        Raises:
+            InputError: truncated or corrupt data.
+        """
+        stop = self.n_frames if stop is None else stop
+        try:
+            block = np.asarray(self._img.dataobj[..., start:stop], dtype=np.float32)
+        except READ_ERRORS as exc:
+            raise InputError(self.path, f"truncated or corrupt image data ({type(exc).__name__}: {exc})") from exc
+        return orientations.apply_orientation(block, self._ornt)
+
+    def iter_frames(self, frames_per_block: int):
+        """Yield ``(start, stop, block)`` over the whole run, blocks of ``frames_per_block``."""
+        for start in range(0, self.n_frames, frames_per_block):
+            stop = min(start + frames_per_block, self.n_frames)
+            yield start, stop, self.read(start, stop)
+
+
+def _header_tr(header: Any) -> tuple[float | None, str]:
+    zooms = header.get_zooms()
+    try:
+        unit = header.get_xyzt_units()[1]
+    except KeyError:  # an xyzt_units code NIfTI does not define
+        unit = "unknown"
+    if len(zooms) < 4 or not np.isfinite(zooms[3]) or zooms[3] <= 0:
+        return None, unit
+    value = float(zooms[3])
+    if unit in TIME_UNITS:
+        return value * TIME_UNITS[unit], unit
+    return value, unit
+
+
+def open_volume(path: str | Path) -> VolumeSeries:
+    """Open a 4D NIfTI-1/NIfTI-2 BOLD series (``.nii`` or ``.nii.gz``) without reading voxels.
+
+    Raises:
+        InputError: the file is missing, its header is unreadable, or it is not 4D with at
+            least 2 frames.
+    """
+    img = load_image(path)
+    shape = tuple(int(s) for s in img.shape)
+    if len(shape) != 4:
+        raise InputError(path, f"{len(shape)}D image of shape {shape}; expected a 4D BOLD series (X, Y, Z, T)")
+    if shape[3] < 2:
+        raise InputError(path, f"only {shape[3]} frame; a BOLD series needs at least 2")
+    check_size(path, img, shape)
+    affine = np.asarray(img.affine, dtype=np.float64)
+    if not np.all(np.isfinite(affine)) or abs(np.linalg.det(affine[:3, :3])) < 1e-9:
+        raise InputError(path, "affine is singular or not finite")
+    ornt = _ras_orientation(affine)
+    tr, unit = _header_tr(img.header)
+    return VolumeSeries(
+        path=str(path),
+        shape=tuple(int(s) for s in orientations.apply_orientation(np.empty(shape[:3] + (0,)), ornt).shape[:3])
+        + (shape[3],),
+        affine=_ras_affine(affine, ornt, shape),
+        header_tr_s=tr,
+        header_time_unit=unit,
+        dtype=np.dtype(img.get_data_dtype()),
+        _img=img,
+        _ornt=ornt,
+    )
+
+
+def read_image_3d(path: str | Path, *, dtype: Any = np.float32) -> tuple[np.ndarray, np.ndarray]:
+    """Read a 3D image (brain mask, atlas) whole, in RAS+ order.
+
+    Returns:
+        ``(data (X, Y, Z), affine 4x4)``. A 4D image with one frame is squeezed.
+
+    Raises:
+        InputError: unreadable, or not 3D.
+    """
+    img = load_image(path)
+    shape = tuple(int(s) for s in img.shape)
+    if len(shape) == 4 and shape[3] == 1:
+        shape = shape[:3]
+    if len(shape) != 3:
+        raise InputError(path, f"image of shape {tuple(img.shape)}; expected a 3D volume")
+    check_size(path, img, shape)
+    try:
+        data = np.asarray(img.dataobj, dtype=dtype).reshape(shape)
+    except READ_ERRORS as exc:
+        raise InputError(path, f"truncated or corrupt image data ({type(exc).__name__}: {exc})") from exc
+    affine = np.asarray(img.affine, dtype=np.float64)
+    ornt = _ras_orientation(affine)
+    return orientations.apply_orientation(data, ornt), _ras_affine(affine, ornt, shape)

@@ -1,0 +1,1 @@
+"""Reference geometry a run is mapped onto: template grids, labelled atlases, surface meshes."""

@@ -1,0 +1,99 @@
+"""The layout of a store: path names, codecs, digests, and the rules every writer follows.
+
+Layout (``schemas/store.schema.json`` and ``schemas/run.schema.json`` are the contract)::
+
+    OUT.zarr/                 root group; attributes: schema_version, recipe, created, software
+      runs/<run_id>/          one group per run, attributes per run.schema.json
+        bold                  (T, X, Y, Z) float16, chunks (L, X, Y, Z), shards (k*L, X, Y, Z)
+        brain_mask            (X, Y, Z) bool
+        roi/<atlas>           (T, R) float32, chunks (L, R), shards (k*L, R)
+        confounds             (T_source, C) float32
+      index.parquet           one row per run (complete, failed, skipped), rebuilt after a conversion
+      _staging/               runs being written
+      _claims/<run_id>.json   which converter process is writing a run (host, pid, heartbeat)
+
+A run is written into ``_staging/<run_id>.<token>/`` and moved to ``runs/<run_id>/`` only
+once every array and its attributes are written (a directory rename on a local disk, so
+readers never see half a run). A run group whose attributes do not say
+``status: complete`` is treated as absent and rewritten by the next conversion.
+
+Several converters may work on one store at once (processes on one machine or many): a
+converter first *claims* a run by creating ``_claims/<run_id>.json`` exclusively (an
+``O_EXCL`` create on a local disk, a conditional ``If-None-Match: *`` PUT on S3), skips
+runs claimed by others, refreshes its claim while writing, and removes it after the
+commit. A claim whose process is gone (same host, pid no longer alive) or that was not
+refreshed for ``CLAIM_TIMEOUT_S`` is taken over, so a converter killed with SIGKILL does
+not block its runs forever.
+
+Writes to sharded arrays always cover whole shards (``k*L`` frames starting at a multiple
+of ``k*L``): a partial-shard write from two writers would lose data (zarr-python #3682).
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import hashlib
+import importlib.metadata
+import platform
+from typing import Any
+
+import fsspec
+import numpy as np
+from zarr.codecs import BloscCodec, Crc32cCodec
+
+
+
+
+RUNS = "runs"
+STAGING = "_staging"
+CLAIMS = "_claims"
+INDEX = "index.parquet"
+
+_SOFTWARE = ("fmri-data", "numpy", "scipy", "nibabel", "nilearn", "zarr", "dask", "numba", "bids2table")
+
+
+def software_versions() -> dict[str, str | None]:
+    """Versions of fmri-data and the libraries whose numerics shape the store."""
+    out: dict[str, str | None] = {"python": platform.python_version()}
+    for name in _SOFTWARE:
+        try:
+            out[name.replace("-", "_")] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            out[name.replace("-", "_")] = None
+    return out
+
+
+def now() -> str:
+    """Current UTC time, ISO 8601."""
+    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+
+
+def compressors(spec: dict[str, Any], typesize: int) -> list:
+    """Chunk codecs: Blosc from the recipe's ``store.compression``, then a CRC-32C checksum.
+
+    The checksum makes zarr refuse a corrupted chunk on read (``ValueError``) instead of
+    returning garbage; shard indexes carry their own CRC-32C.
+    """
+    blosc = BloscCodec(cname=spec["cname"], clevel=int(spec["clevel"]), shuffle=spec["shuffle"], typesize=typesize)
+    return [blosc, Crc32cCodec()]
+
+
+def content_digest(blocks) -> str:
+    """SHA-256 of an array's values: the C-order bytes of its blocks along axis 0, in order."""
+    digest = hashlib.sha256()
+    for block in blocks:
+        digest.update(np.ascontiguousarray(block).tobytes())
+    return digest.hexdigest()
+
+
+def roi_key(atlas_name: str) -> str:
+    """Array name under ``roi/`` for an atlas: ``"tian_s3+schaefer400_7n"`` -> ``"tian_s3-schaefer400_7n"``.
+
+    ``+`` is avoided in storage keys (it reads as a space in URLs).
+    """
+    return atlas_name.replace("+", "-")
+
+
+def is_local(fs: fsspec.AbstractFileSystem) -> bool:
+    return "file" in (fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,))
+

@@ -1,0 +1,317 @@
+"""The store root: create or open a store, list and read runs, claims between converters, the run index.
+
+The layout and the commit and claim rules are described in :mod:`fmri_data.store.layout`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import time
+import warnings
+from collections.abc import Iterable
+from typing import Any
+
+import fsspec
+import zarr
+
+from ..errors import StoreError
+from ..config.schema import SCHEMA_VERSION, to_json, validate
+
+from .layout import CLAIMS, INDEX, RUNS, STAGING, is_local, now, software_versions
+from .writer import RunWriter
+
+#: A claim not refreshed for this long is considered abandoned (seconds; $FMRI_DATA_CLAIM_TIMEOUT_S).
+CLAIM_TIMEOUT_S = float(os.environ.get("FMRI_DATA_CLAIM_TIMEOUT_S", 900))
+
+warnings.filterwarnings("ignore", message="Object at _staging is not recognized")
+
+
+class Store:
+    """An fmri-data store on any fsspec filesystem (local path, ``s3://``, ``memory://``).
+
+    Use :meth:`create` to start or resume a conversion and :meth:`open` to read.
+    """
+
+    def __init__(self, url: str, storage_options: dict[str, Any] | None = None):
+        self.url = str(url)
+        self.storage_options = dict(storage_options or {})
+        self.fs, self.path = fsspec.core.url_to_fs(self.url, **self.storage_options)
+        self.path = self.path.rstrip("/")
+        if is_local(self.fs):
+            self.zarr_store = zarr.storage.LocalStore(self.path)
+        else:
+            self.zarr_store = zarr.storage.FsspecStore.from_url(self.url, storage_options=self.storage_options)
+        self._root: zarr.Group | None = None
+
+    # ------------------------------------------------------------------ open / create
+    @classmethod
+    def create(
+        cls,
+        url: str,
+        recipe: dict[str, Any],
+        recipe_hash: str,
+        *,
+        overwrite: bool = False,
+        bids_root: str | None = None,
+        storage_options: dict[str, Any] | None = None,
+    ) -> "Store":
+        """Create a store, or reopen one written with the same recipe (to resume).
+
+        Raises:
+            StoreError: the location is not writable; it exists but is not an fmri-data
+                store; or it was written with a different recipe and ``overwrite`` is False.
+        """
+        store = cls(url, storage_options)
+        existing = store._read_root_attrs()
+        if existing is not None and overwrite:
+            store.fs.rm(store.path, recursive=True)
+            existing = None
+        if existing is not None:
+            validate(existing, "store", store.url)
+            if existing["recipe_hash"] != recipe_hash:
+                raise StoreError(
+                    f"{store.url}: written with recipe '{existing['recipe'].get('name')}' ({existing['recipe_hash']}), "
+                    f"not '{recipe.get('name')}' ({recipe_hash}); pass --overwrite to replace it or choose another output"
+                )
+            return store
+        if store.fs.exists(store.path) and store.fs.ls(store.path):
+            raise StoreError(f"{store.url}: exists and is not an fmri-data store; refusing to write into it")
+        attrs = to_json(
+            {
+                "schema_version": SCHEMA_VERSION,
+                "created": now(),
+                "recipe": recipe,
+                "recipe_hash": recipe_hash,
+                "software": software_versions(),
+                "bids_root": bids_root,
+            }
+        )
+        validate(attrs, "store", store.url)
+        try:
+            root = zarr.open_group(store=store.zarr_store, mode="w", attributes=attrs)
+            root.require_group(RUNS)
+        except (OSError, PermissionError) as exc:
+            raise StoreError(f"{store.url}: cannot create store ({exc})") from exc
+        store._root = root
+        return store
+
+    @classmethod
+    def open(cls, url: str, storage_options: dict[str, Any] | None = None) -> "Store":
+        """Open an existing store for reading; its root attributes are validated.
+
+        Raises:
+            StoreError: missing, not an fmri-data store, or attributes off-contract.
+        """
+        store = cls(url, storage_options)
+        attrs = store._read_root_attrs()
+        if attrs is None:
+            raise StoreError(f"{store.url}: not an fmri-data store (no root zarr.json with fmri-data attributes)")
+        validate(attrs, "store", store.url)
+        return store
+
+    def _read_root_attrs(self) -> dict[str, Any] | None:
+        try:
+            raw = self.fs.cat_file(f"{self.path}/zarr.json")
+        except (FileNotFoundError, OSError):
+            return None
+        try:
+            meta = json.loads(raw)
+        except ValueError:
+            return None
+        attrs = meta.get("attributes", {})
+        return attrs if "schema_version" in attrs else None
+
+    @property
+    def root(self) -> zarr.Group:
+        if self._root is None:
+            self._root = zarr.open_group(store=self.zarr_store, mode="r+" if self._writable() else "r")
+        return self._root
+
+    def _writable(self) -> bool:
+        return not getattr(self.zarr_store, "read_only", False)
+
+    @property
+    def attrs(self) -> dict[str, Any]:
+        return dict(self.root.attrs)
+
+    @property
+    def recipe(self) -> dict[str, Any]:
+        return dict(self.attrs["recipe"])
+
+    # ------------------------------------------------------------------ runs
+    def _run_attrs_raw(self, run_id: str) -> dict[str, Any] | None:
+        try:
+            meta = json.loads(self.fs.cat_file(f"{self.path}/{RUNS}/{run_id}/zarr.json"))
+        except (FileNotFoundError, OSError, ValueError):
+            return None
+        return meta.get("attributes", {})
+
+    def run_ids(self) -> list[str]:
+        """Complete runs, sorted."""
+        base = f"{self.path}/{RUNS}"
+        try:
+            entries = self.fs.ls(base, detail=False)
+        except FileNotFoundError:
+            return []
+        out = []
+        for entry in entries:
+            name = entry.rstrip("/").rsplit("/", 1)[-1]
+            if name != "zarr.json" and self.is_complete(name):
+                out.append(name)
+        return sorted(out)
+
+    def is_complete(self, run_id: str) -> bool:
+        attrs = self._run_attrs_raw(run_id)
+        return bool(attrs) and attrs.get("status") == "complete"
+
+    def run(self, run_id: str) -> zarr.Group:
+        """The Zarr group of a complete run.
+
+        Raises:
+            StoreError: the run does not exist or is incomplete.
+        """
+        if not self.is_complete(run_id):
+            raise StoreError(f"{self.url}: no complete run '{run_id}'")
+        return zarr.open_group(store=self.zarr_store, path=f"{RUNS}/{run_id}", mode="r")
+
+    def run_attrs(self, run_id: str) -> dict[str, Any]:
+        """Attributes of a complete run, validated against run.schema.json."""
+        attrs = self._run_attrs_raw(run_id)
+        if not attrs or attrs.get("status") != "complete":
+            raise StoreError(f"{self.url}: no complete run '{run_id}'")
+        validate(attrs, "run", f"{self.url}/{RUNS}/{run_id}")
+        return attrs
+
+    def remove_run(self, run_id: str) -> None:
+        path = f"{self.path}/{RUNS}/{run_id}"
+        if self.fs.exists(path):
+            self.fs.rm(path, recursive=True)
+
+    def begin_run(self, run_id: str) -> "RunWriter":
+        """Start writing a run into a private staging group."""
+        return RunWriter(self, run_id)
+
+    def clear_staging(self, run_id: str) -> None:
+        """Remove staging groups of ``run_id`` left by an interrupted conversion (claim the run first)."""
+        base = f"{self.path}/{STAGING}"
+        try:
+            entries = self.fs.ls(base, detail=False)
+        except FileNotFoundError:
+            return
+        for entry in entries:
+            if entry.rstrip("/").rsplit("/", 1)[-1].rsplit(".", 1)[0] == run_id:
+                self.fs.rm(entry, recursive=True)
+
+    # ------------------------------------------------------------------ claims
+    def _claim_path(self, run_id: str) -> str:
+        return f"{self.path}/{CLAIMS}/{run_id}.json"
+
+    def claim(self, run_id: str) -> bool:
+        """Claim a run for this process; False when a live converter holds it.
+
+        The claim is created exclusively; an abandoned claim (dead process on this host, or
+        no heartbeat for ``CLAIM_TIMEOUT_S``) is removed and claimed again.
+        """
+        path = self._claim_path(run_id)
+        for _ in range(3):
+            try:
+                self.fs.makedirs(f"{self.path}/{CLAIMS}", exist_ok=True)
+                self.fs.pipe_file(path, _claim_payload(), mode="create")
+                return True
+            except FileExistsError:
+                pass
+            except OSError as exc:  # S3 answers a failed If-None-Match with 412 PreconditionFailed
+                if "Precondition" not in str(exc) and "412" not in str(exc):
+                    raise StoreError(f"{self.url}: cannot claim run {run_id} ({exc})") from exc
+            holder = self._read_claim(path)
+            if holder is not None and not _abandoned(holder):
+                return False
+            try:
+                self.fs.rm(path)
+            except FileNotFoundError:
+                pass
+        return False
+
+    def refresh_claim(self, run_id: str) -> None:
+        """Heartbeat: rewrite this process's claim with the current time."""
+        path = self._claim_path(run_id)
+        holder = self._read_claim(path)
+        if holder is not None and holder.get("pid") == os.getpid() and holder.get("host") == socket.gethostname():
+            self.fs.pipe_file(path, _claim_payload())
+
+    def release(self, run_id: str) -> None:
+        """Remove this process's claim on a run (others' claims are left alone)."""
+        path = self._claim_path(run_id)
+        holder = self._read_claim(path)
+        if holder is not None and holder.get("pid") == os.getpid() and holder.get("host") == socket.gethostname():
+            try:
+                self.fs.rm(path)
+            except FileNotFoundError:
+                pass
+
+    def _read_claim(self, path: str) -> dict[str, Any] | None:
+        try:
+            return json.loads(self.fs.cat_file(path))
+        except FileNotFoundError:
+            return None
+        except (OSError, ValueError):
+            return {}  # unreadable (half-written by a killed process): treat as abandoned
+
+    # ------------------------------------------------------------------ index
+    def write_index(self, rows: Iterable[dict[str, Any]]) -> None:
+        """Write ``index.parquet``: one row per run (complete, failed or skipped)."""
+        import pandas as pd
+
+        table = pd.DataFrame([{k: _cell(v) for k, v in row.items()} for row in rows])
+        with self.fs.open(f"{self.path}/{INDEX}", "wb") as fh:
+            table.to_parquet(fh, index=False)
+
+    def read_index(self):
+        """``index.parquet`` as a pandas DataFrame (empty when no conversion finished yet)."""
+        import pandas as pd
+
+        path = f"{self.path}/{INDEX}"
+        if not self.fs.exists(path):
+            return pd.DataFrame()
+        with self.fs.open(path, "rb") as fh:
+            return pd.read_parquet(fh)
+
+    def nbytes_stored(self, run_id: str) -> int:
+        """Bytes on storage under a run group."""
+        return int(self.fs.du(f"{self.path}/{RUNS}/{run_id}", total=True))
+
+
+def _process_start() -> float:
+    import psutil
+
+    return psutil.Process().create_time()
+
+
+def _claim_payload() -> bytes:
+    return json.dumps(
+        {"host": socket.gethostname(), "pid": os.getpid(), "started": _process_start(), "heartbeat": time.time()}
+    ).encode()
+
+
+def _abandoned(holder: dict[str, Any]) -> bool:
+    """A claim whose process is gone or whose heartbeat is older than ``CLAIM_TIMEOUT_S``."""
+    if not holder:
+        return True
+    if time.time() - float(holder.get("heartbeat", 0)) > CLAIM_TIMEOUT_S:
+        return True
+    if holder.get("host") == socket.gethostname():
+        import psutil
+
+        try:
+            return abs(psutil.Process(int(holder["pid"])).create_time() - float(holder["started"])) > 1.0
+        except (psutil.NoSuchProcess, KeyError, ValueError):
+            return True
+    return False
+
+
+def _cell(value: Any) -> Any:
+    if isinstance(value, (dict, list, tuple)):
+        return json.dumps(to_json(value))
+    return to_json(value)

@@ -1,0 +1,163 @@
+"""Write one run into the store's staging area and commit it atomically (:class:`RunWriter`)."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import secrets
+import time
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import zarr
+
+from ..errors import StoreError
+from ..config.schema import to_json, validate
+
+from .layout import RUNS, STAGING, compressors, content_digest, is_local
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .root import Store
+
+
+
+class RunWriter:
+    """Writes one run into ``_staging/`` and moves it into ``runs/`` on :meth:`commit`."""
+
+    def __init__(self, store: Store, run_id: str):
+        self.store = store
+        self.run_id = run_id
+        self.staging = f"{STAGING}/{run_id}.{secrets.token_hex(4)}"
+        self.group = zarr.open_group(store=store.zarr_store, path=self.staging, mode="w", attributes={"status": "writing"})
+        self.outputs: list[str] = []
+        self.checksums: dict[str, str] = {}
+        self._last_beat = time.monotonic()
+
+    def write_series(
+        self,
+        name: str,
+        n_frames: int,
+        frame_shape: tuple[int, ...],
+        dtype: str,
+        chunk_frames: int,
+        shard_chunks: int,
+        compression: dict[str, Any],
+        block: Callable[[int, int], np.ndarray],
+        attrs: dict[str, Any] | None = None,
+        dimension_names: tuple[str, ...] | None = None,
+    ) -> zarr.Array:
+        """Create a time-first array and fill it shard by shard.
+
+        Args:
+            name: array path inside the run group (``"bold"``, ``"roi/schaefer400_7n"``).
+            n_frames: length of the time axis.
+            frame_shape: shape of one frame.
+            dtype: numpy dtype name of the stored values.
+            chunk_frames: frames per chunk (a training window).
+            shard_chunks: chunks per shard.
+            compression: the recipe's ``store.compression``.
+            block: ``block(start, stop)`` returns frames ``[start, stop)`` with shape
+                ``(stop - start, *frame_shape)``; called once per shard, in order.
+            attrs: array attributes.
+            dimension_names: Zarr v3 dimension names.
+        """
+        shard_frames = chunk_frames * shard_chunks
+        array = self.group.create_array(
+            name,
+            shape=(n_frames, *frame_shape),
+            chunks=(chunk_frames, *frame_shape),
+            shards=(shard_frames, *frame_shape),
+            dtype=dtype,
+            compressors=compressors(compression, np.dtype(dtype).itemsize),
+            fill_value=0,
+            attributes=to_json(attrs or {}),
+            dimension_names=dimension_names,
+            config={"write_empty_chunks": True},  # every shard exists: a missing one is detectable
+        )
+        digest = hashlib.sha256()
+        for start in range(0, n_frames, shard_frames):
+            stop = min(start + shard_frames, n_frames)
+            values = np.asarray(block(start, stop), dtype=dtype)
+            if values.shape != (stop - start, *frame_shape):
+                raise ValueError(f"{name}: block [{start}, {stop}) has shape {values.shape}")
+            array[start:stop] = values
+            digest.update(np.ascontiguousarray(values).tobytes())
+            self._heartbeat()
+        self._written(name, digest.hexdigest())
+        return array
+
+    def _heartbeat(self) -> None:
+        if time.monotonic() - self._last_beat > 60:
+            self.store.refresh_claim(self.run_id)
+            self._last_beat = time.monotonic()
+
+    def _written(self, name: str, sha256: str) -> None:
+        self.outputs.append(name)
+        self.checksums[name] = sha256
+
+    def write_array(
+        self,
+        name: str,
+        values: np.ndarray,
+        compression: dict[str, Any],
+        attrs: dict[str, Any] | None = None,
+        dimension_names: tuple[str, ...] | None = None,
+    ) -> zarr.Array:
+        """Write a small array whole, as one chunk (masks, normalization maps)."""
+        values = np.asarray(values)
+        array = self.group.create_array(
+            name,
+            shape=values.shape,
+            chunks=values.shape if values.size else (1,) * values.ndim,
+            dtype=values.dtype,
+            compressors=compressors(compression, values.dtype.itemsize),
+            fill_value=np.zeros((), dtype=values.dtype).item(),
+            attributes=to_json(attrs or {}),
+            dimension_names=dimension_names,
+            config={"write_empty_chunks": True},
+        )
+        array[...] = values
+        self._written(name, content_digest([values]))
+        return array
+
+    def commit(self, attrs: dict[str, Any]) -> None:
+        """Validate the run attributes, write them, and move the run into ``runs/``.
+
+        Raises:
+            StoreError: the attributes break run.schema.json (the staging group is removed).
+        """
+        attrs = to_json({**attrs, "status": "complete", "outputs": list(self.outputs), "checksums": dict(self.checksums)})
+        try:
+            validate(attrs, "run", f"{self.store.url}/{RUNS}/{self.run_id}")
+        except StoreError:
+            self.abort()
+            raise
+        self.group.attrs.put(attrs)
+        self.store.remove_run(self.run_id)
+        self._move_into_place()
+
+    def _move_into_place(self) -> None:
+        """Local disk: one directory rename (atomic). Object stores: copy every object, the
+        run group's ``zarr.json`` (which says ``status: complete``) last, then delete the staging
+        objects; a reader never sees a complete-looking run with missing arrays."""
+        fs, base = self.store.fs, self.store.path
+        source, target = f"{base}/{self.staging}", f"{base}/{RUNS}/{self.run_id}"
+        if is_local(fs):
+            fs.makedirs(f"{base}/{RUNS}", exist_ok=True)
+            os.replace(source, target)
+            return
+        files = sorted(fs.find(source))
+        head = f"{source}/zarr.json"
+        body = [f for f in files if f != head]
+        if body:
+            fs.copy(body, [target + f[len(source):] for f in body])
+        fs.copy(head, f"{target}/zarr.json")
+        fs.rm(source, recursive=True)
+
+    def abort(self) -> None:
+        """Remove the staging group (nothing under ``runs/`` is touched)."""
+        path = f"{self.store.path}/{self.staging}"
+        if self.store.fs.exists(path):
+            self.store.fs.rm(path, recursive=True)
+

@@ -1,0 +1,62 @@
+import pytest
+
+from fmri_data.errors import RecipeError
+from fmri_data.config.recipe import available_recipes, load_recipe, parse_override, recipe_hash
+
+
+def test_every_bundled_recipe_resolves_and_validates():
+    names = available_recipes()
+    assert {"default", "neurostorm", "brain_jepa", "fmri_lm", "brainlm"} <= set(names)
+    for name in names:
+        recipe = load_recipe(name)
+        assert recipe["name"] == name
+        assert "extends" not in recipe
+
+
+def test_model_family_settings():
+    neurostorm = load_recipe("neurostorm")
+    assert neurostorm["temporal"]["tr"] == 0.8
+    assert neurostorm["volume"]["shape"] == [96, 96, 96]
+    assert neurostorm["volume"]["normalization"] == "global_zscore"
+    assert neurostorm["store"]["chunk_frames"] == 20
+    for name in ("brain_jepa", "fmri_lm"):
+        recipe = load_recipe(name)
+        assert recipe["temporal"]["tr"] == 2.0
+        assert recipe["roi"]["atlases"] == ["tian_s3+schaefer400_7n"]
+        assert recipe["volume"] is None
+
+
+def test_overrides_apply_and_change_the_hash():
+    base = load_recipe("default")
+    changed = load_recipe("default", ["temporal.tr=2.0", "roi.atlases=[a424]"])
+    assert changed["temporal"]["tr"] == 2.0 and changed["roi"]["atlases"] == ["a424"]
+    assert recipe_hash(base) != recipe_hash(changed)
+    assert recipe_hash(base) == recipe_hash(load_recipe("default"))
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        (["temporal.tr=-1"], "temporal.tr"),
+        (["volume.normalization=zzz"], "volume.normalization"),
+        (["store.chunk_frames=0"], "store.chunk_frames"),
+        (["bogus=1"], "bogus"),
+    ],
+)
+def test_invalid_recipes_are_refused_with_the_key(override, message):
+    with pytest.raises(RecipeError, match=message.split(".")[0]):
+        load_recipe("default", override)
+
+
+def test_unknown_recipe_and_bad_override():
+    with pytest.raises(RecipeError, match="unknown recipe"):
+        load_recipe("no-such-recipe")
+    with pytest.raises(RecipeError, match="key.path=value"):
+        parse_override("temporal.tr")
+
+
+def test_recipe_file_with_extends(tmp_path):
+    path = tmp_path / "mine.yaml"
+    path.write_text("name: mine\nextends: neurostorm\ntemporal: {tr: 1.0}\n")
+    recipe = load_recipe(path)
+    assert recipe["temporal"]["tr"] == 1.0 and recipe["volume"]["shape"] == [96, 96, 96]
