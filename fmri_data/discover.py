@@ -257,9 +257,12 @@ def _read_participants(tree: _Tree) -> dict[str, dict[str, Any]]:
     if not tree.exists(path):
         return {}
     try:
-        rows = list(csv.DictReader(tree.read_text(path).splitlines(), delimiter="\t"))
+        reader = csv.DictReader(tree.read_text(path).lstrip("\ufeff").splitlines(), delimiter="\t")
+        rows = list(reader)
     except (OSError, csv.Error, UnicodeDecodeError) as exc:
         raise InputError(path, f"cannot parse participants table ({exc})") from exc
+    if rows and "participant_id" not in (reader.fieldnames or ()):
+        raise InputError(path, f"participants table has no 'participant_id' column (columns: {reader.fieldnames})")
     out: dict[str, dict[str, Any]] = {}
     for row in rows:
         pid = row.get("participant_id")

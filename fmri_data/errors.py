@@ -1,7 +1,9 @@
 """Errors raised on purpose by fmri-data.
 
 Every error about a file names the file and the cause in one line, so that a
-conversion log of thousands of runs can be grepped and acted upon.
+conversion log of thousands of runs can be grepped and acted upon. Invalid arguments and
+settings (of :mod:`fmri_data.derive`, :mod:`fmri_data.resample`, :mod:`fmri_data.train`) raise
+:class:`SettingError`, a :class:`ValueError`.
 """
 
 from __future__ import annotations
@@ -31,3 +33,13 @@ class RecipeError(FmriDataError):
 
 class StoreError(FmriDataError):
     """The output store cannot be created, opened, or fails its contract."""
+
+
+class SettingError(FmriDataError, ValueError):
+    """An argument or setting is out of its documented range, or does not fit the data it is
+    applied to (an unknown family, method or device; a window longer than the run; a tensor
+    of the wrong shape).
+
+    It is a :class:`ValueError` too, so ``except ValueError`` keeps catching it; the message
+    names the argument and the value given.
+    """

@@ -22,17 +22,20 @@ Window ``i`` is frames ``[starts[i], starts[i] + window)`` of every time series 
 towards the earlier window, so ``topk == top_k(scores, k)`` exactly.
 
 Writes: during conversion the groups go into the run's staging group and are committed
-with the run. Rescoring a committed run (:func:`score_store`) writes each scorer group
-under ``_staging/`` and moves it into place (a directory rename); a group it replaces is
-first moved aside, so a reader sees the old group, no group, or the new one — never a
-half-written group.
+with the run. Rescoring a committed run (:func:`score_store`) goes through
+:meth:`Store.replace_in_run <fmri_data.store.root.Store.replace_in_run>`: every scorer group
+is written under ``_staging/`` and then moved into place (a directory rename); a group it
+replaces is first moved aside, so a reader sees the old group, no group, or the new one —
+never a half-written group. Fitted networks are written with
+:meth:`Store.write_bytes <fmri_data.store.root.Store.write_bytes>` and registered with
+:meth:`Store.write_root_attrs <fmri_data.store.root.Store.write_root_attrs>` (both atomic).
+Reading and checking the groups is :mod:`fmri_data.store.saliency_group`.
 """
 
 from __future__ import annotations
 
 import functools
 import json
-import secrets
 import warnings
 from dataclasses import dataclass, field
 from typing import Any, Callable
@@ -47,14 +50,17 @@ from .derive.motion import (
 )
 from .derive.windows import window_starts
 from .errors import StoreError
-from .config.schema import to_json, validate
-from .store.layout import RUNS, STAGING, compressors, now, software_versions
+from .config.schema import to_json
+from .store.layout import RUNS, SALIENCY, SALIENCY_MODELS, compressors, now, software_versions
 from .store.root import Store
+from .store.saliency_group import check_run_saliency, read_run_saliency
+
+__all__ = ["check_run_saliency", "read_run_saliency"]  # re-exported: the readers live in the store package
 
 warnings.filterwarnings("ignore", message="Object at models is not recognized")
 
-GROUP = "saliency"
-MODELS_DIR = "models/saliency"
+GROUP = SALIENCY
+MODELS_DIR = SALIENCY_MODELS
 DEFAULT_K = 4
 DEFAULT_SOURCES = ("roi", "bold")
 DEFAULT_FD_THRESHOLD_MM = 0.5
@@ -382,74 +388,32 @@ def write_into_run(run_group: zarr.Group, results: list[WindowScores], skipped: 
 
 
 def replace_in_committed_run(store: Store, run_id: str, results: list[WindowScores], skipped: dict[str, str]) -> None:
-    """Write scorer groups into a committed run: staging copy, then a directory rename.
+    """Write scorer groups into a committed run atomically (:meth:`Store.replace_in_run`).
 
-    A scorer now skipped loses its previous group (it would describe other settings);
-    ``saliency`` group attrs ``skipped`` are updated.
+    Every scorer group is written into ``_staging/`` first and moved into place only when
+    all were written; if one fails the run keeps its previous groups. A scorer now skipped
+    loses its previous group (it would describe other settings); the ``saliency`` group's
+    attribute ``skipped`` is updated.
+
+    Raises:
+        StoreError: no complete run ``run_id``. OSError: the store cannot be written.
     """
-    fs, base = store.fs, store.path
     compression = store.recipe["store"]["compression"]
-    run_path = f"{RUNS}/{run_id}"
-    parent_key = f"{run_path}/{GROUP}"
-    if not fs.exists(f"{base}/{parent_key}/zarr.json"):
-        zarr.open_group(store=store.zarr_store, path=parent_key, mode="w", attributes={"skipped": {}})
-    for name in [r.scorer for r in results] + list(skipped):
-        _clear_stale(store, run_id, name)
-    for result in results:
-        staging = f"{STAGING}/{run_id}.{GROUP}-{result.scorer}.{secrets.token_hex(4)}"
-        try:
-            write_scores(zarr.open_group(store=store.zarr_store, path=staging, mode="w"), result, compression)
-        except BaseException:
-            if fs.exists(f"{base}/{staging}"):
-                fs.rm(f"{base}/{staging}", recursive=True)
-            raise
-        _swap(store, f"{parent_key}/{result.scorer}", staging, f"{staging}.old")
-    for name in skipped:
-        target = f"{base}/{parent_key}/{name}"
-        if fs.exists(target):
-            aside = f"{STAGING}/{run_id}.{GROUP}-{name}.{secrets.token_hex(4)}.old"
-            fs.mv(target, f"{base}/{aside}", recursive=True)
-            fs.rm(f"{base}/{aside}", recursive=True)
-    parent = zarr.open_group(store=store.zarr_store, path=parent_key, mode="r+")
-    previous = dict(parent.attrs.get("skipped") or {})
+    group = store.run(run_id)
+    previous = dict(group[GROUP].attrs.get("skipped") or {}) if GROUP in group else {}
     for r in results:
         previous.pop(r.scorer, None)
     previous.update(skipped)
-    parent.attrs.put(to_json({**dict(parent.attrs), "skipped": previous}))
 
+    def writer(result: WindowScores) -> Callable[[zarr.Group], None]:
+        return lambda g: write_scores(g, result, compression)
 
-def _swap(store: Store, target: str, staging: str, aside: str) -> None:
-    """Move ``staging`` to ``target``; an existing ``target`` is moved aside first, then removed.
-
-    If the second rename fails the old group is moved back. A crash between the two
-    renames leaves no group at ``target`` (the old one waits in ``_staging/`` and is
-    removed by the next rescoring of that run and scorer).
-    """
-    fs, base = store.fs, store.path
-    aside_used = fs.exists(f"{base}/{target}")
-    if aside_used:
-        fs.mv(f"{base}/{target}", f"{base}/{aside}", recursive=True)
-    try:
-        fs.mv(f"{base}/{staging}", f"{base}/{target}", recursive=True)
-    except BaseException:
-        if aside_used and not fs.exists(f"{base}/{target}"):
-            fs.mv(f"{base}/{aside}", f"{base}/{target}", recursive=True)
-        if fs.exists(f"{base}/{staging}"):
-            fs.rm(f"{base}/{staging}", recursive=True)
-        raise
-    if aside_used:
-        fs.rm(f"{base}/{aside}", recursive=True)
-
-
-def _clear_stale(store: Store, run_id: str, scorer: str) -> None:
-    """Remove staging copies left by an interrupted rescoring of this run and scorer."""
-    folder = f"{store.path}/{STAGING}"
-    if not store.fs.exists(folder):
-        return
-    prefix = f"{run_id}.{GROUP}-{scorer}."
-    for entry in store.fs.ls(folder, detail=False):
-        if entry.rstrip("/").rsplit("/", 1)[-1].startswith(prefix):
-            store.fs.rm(entry, recursive=True)
+    store.replace_in_run(
+        run_id,
+        {f"{GROUP}/{r.scorer}": writer(r) for r in results},
+        remove=[f"{GROUP}/{name}" for name in skipped],
+        group_attrs={GROUP: to_json({"skipped": previous})},
+    )
 
 
 # ---------------------------------------------------------------------------- stores
@@ -615,10 +579,7 @@ def fit_store(
     )
     data = net_mod.to_bytes(result, {"roi": f"roi/{key}", "store": store.url})
     rel = f"{MODELS_DIR}/{name}.safetensors"
-    tmp = f"{store.path}/{rel}.{secrets.token_hex(4)}.tmp"
-    store.fs.makedirs(f"{store.path}/{MODELS_DIR}", exist_ok=True)
-    store.fs.pipe_file(tmp, data)
-    store.fs.mv(tmp, f"{store.path}/{rel}")
+    store.write_bytes(rel, data)
     losses = result.losses
     head = max(1, min(10, len(losses) // 4))
     record = to_json(
@@ -640,96 +601,9 @@ def fit_store(
             "software": {"fmri_data": software_versions().get("fmri_data"), "torch": torch.__version__},
         }
     )
-    root = zarr.open_group(store=store.zarr_store, mode="r+")
-    attrs = dict(root.attrs)
+    attrs = dict(store.attrs)
     models = dict(attrs.get("saliency_models") or {})
     models[name] = record
     attrs["saliency_models"] = models
-    validate(attrs, "store", store.url)
-    root.attrs.put(attrs)
+    store.write_root_attrs(attrs)
     return record
-
-
-# ---------------------------------------------------------------------------- reading / checking
-def read_run_saliency(group: zarr.Group) -> tuple[dict[str, dict[str, Any]], dict[str, str]]:
-    """Every scorer group of a run: ``({scorer: {attrs..., scores, starts, topk}}, skipped)``."""
-    if GROUP not in group:
-        return {}, {}
-    parent = group[GROUP]
-    out = {}
-    for name, g in sorted(parent.groups()):
-        out[name] = {**dict(g.attrs), "scores": g["scores"][...], "starts": g["starts"][...], "topk": g["topk"][...]}
-    return out, dict(parent.attrs.get("skipped") or {})
-
-
-def check_run_saliency(store: Store, group: zarr.Group, run_attrs: dict[str, Any], where: str) -> list[str]:
-    """Problems of a run's saliency groups against the contract (empty = valid).
-
-    Checks: attributes per ``run.schema.json``; array dtypes and shapes; ``starts`` is the
-    window grid of ``(n_frames, window, stride)`` (so every window lies within the run);
-    ``topk`` is exactly ``top_k(scores, k)`` (in bounds, best first, earlier window on
-    ties) with ``k = min(k_requested, n_windows)``; scores finite; the source exists;
-    a fitted network's file exists with its recorded sha256.
-    """
-    if GROUP not in group:
-        return []
-    problems: list[str] = []
-    parent = group[GROUP]
-    try:
-        validate(dict(parent.attrs), "run", f"{where}/{GROUP}", definition="saliency_group_attrs")
-    except StoreError as exc:
-        problems.append(str(exc))
-    for name, g in sorted(parent.groups()):
-        here = f"{where}/{GROUP}/{name}"
-        attrs = dict(g.attrs)
-        try:
-            validate(attrs, "run", here, definition="saliency_attrs")
-        except StoreError as exc:
-            problems.append(str(exc))
-            continue
-        if attrs["scorer"] != name:
-            problems.append(f"{here}: attribute scorer '{attrs['scorer']}' differs from the group name")
-        missing = [a for a in ("scores", "starts", "topk") if a not in g]
-        if missing:
-            problems.append(f"{here}: missing array(s) {', '.join(missing)}")
-            continue
-        scores, starts, topk = g["scores"][...], g["starts"][...], g["topk"][...]
-        bad = [
-            f"{here}/{label}: {array.dtype} {array.shape}, expected 1-D {np.dtype(dtype)}"
-            for label, array, dtype in (("scores", scores, np.float32), ("starts", starts, np.int64), ("topk", topk, np.int64))
-            if array.dtype != dtype or array.ndim != 1
-        ]
-        if bad:
-            problems += bad
-            continue
-        expected_starts = window_starts(run_attrs["n_frames"], attrs["window"], attrs["stride"])
-        if attrs["n_frames"] != run_attrs["n_frames"]:
-            problems.append(f"{here}: n_frames {attrs['n_frames']}, the run has {run_attrs['n_frames']}")
-        if not np.array_equal(starts, expected_starts):
-            problems.append(f"{here}/starts: not the windows of {attrs['window']} frames every {attrs['stride']} within {run_attrs['n_frames']} frames")
-        if len(scores) != len(starts) or attrs["n_windows"] != len(starts):
-            problems.append(f"{here}: {len(scores)} scores, {len(starts)} starts, n_windows={attrs['n_windows']}")
-            continue
-        if not np.isfinite(scores).all():
-            problems.append(f"{here}/scores: not all finite")
-            continue
-        if len(topk) != attrs["k"] or attrs["k"] != min(attrs["k_requested"], len(scores)):
-            problems.append(f"{here}/topk: {len(topk)} indices, k={attrs['k']}, k_requested={attrs['k_requested']}, {len(scores)} windows")
-        elif not np.array_equal(topk, top_k(scores, attrs["k"])):
-            if len(topk) and (topk.min() < 0 or topk.max() >= len(scores)):
-                problems.append(f"{here}/topk: indices outside [0, {len(scores)})")
-            else:
-                problems.append(f"{here}/topk: not the {attrs['k']} highest scores, best first (earlier window on ties)")
-        source = attrs["source"]
-        if source not in group:
-            problems.append(f"{here}: source '{source}' is not an array of the run")
-        model = attrs.get("model")
-        if model:
-            path = f"{store.path}/{model['path']}"
-            from .derive.saliency_net import sha256
-
-            if not store.fs.exists(path):
-                problems.append(f"{here}: network file {model['path']} is missing")
-            elif sha256(store.fs.cat_file(path)) != model["sha256"]:
-                problems.append(f"{here}: network file {model['path']} changed since scoring (sha256)")
-    return problems

@@ -83,3 +83,19 @@ def test_not_a_bids_dataset(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(InputError, match="not a BIDS dataset"):
         discover(tmp_path / "empty")
+
+
+def test_participants_table_with_a_byte_order_mark(tmp_path):
+    """A participants.tsv saved with a UTF-8 BOM (as Excel does) keeps its rows; a table
+    without a participant_id column is refused naming the file (it used to drop every row)."""
+    table = "participant_id\tsite\nsub-haxby1\tprinceton\n"
+    root = make_bids(tmp_path / "bom", {"participants.tsv": b"\xef\xbb\xbf" + table.encode(),
+                                        "sub-haxby1/func/sub-haxby1_task-x_bold.nii.gz": haxby_run(1),
+                                        "task-x_bold.json": '{"RepetitionTime": 2.5}'})
+    (run,) = discover(root)
+    assert run.participant == {"site": "princeton"}
+    root = make_bids(tmp_path / "noid", {"participants.tsv": "subject\tsite\nsub-haxby1\tprinceton\n",
+                                         "sub-haxby1/func/sub-haxby1_task-x_bold.nii.gz": haxby_run(1),
+                                         "task-x_bold.json": '{"RepetitionTime": 2.5}'})
+    with pytest.raises(InputError, match=r"participants\.tsv: participants table has no 'participant_id' column"):
+        discover(root)

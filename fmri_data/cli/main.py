@@ -21,6 +21,21 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 
+
+def _version(value: bool) -> None:
+    if value:
+        from .. import __version__
+
+        typer.echo(f"fmri-data {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(version: bool = typer.Option(False, "--version", callback=_version, is_eager=True,
+                                       help="Print the fmri-data version and exit.")) -> None:
+    """Turn BIDS fMRI datasets into Zarr v3 training stores for fMRI foundation models."""
+
+
 app.command()(convert.convert)
 app.command()(store.inspect)
 app.command()(store.validate)

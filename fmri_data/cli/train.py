@@ -10,13 +10,13 @@ import typer
 from rich.markup import escape
 
 from ..config.overrides import comma_list
+from ..errors import SettingError
+from ..train.registry import NAMES as FAMILIES, get_family
 from .app import fail, console, parse_options
-
-FAMILIES = ("neurostorm", "slim_brain", "flat_mae", "fmri_lm")
 
 
 def train(
-    family: str = typer.Option(..., "--family", "-f", help="neurostorm | slim_brain | flat_mae | fmri_lm"),
+    family: str = typer.Option(..., "--family", "-f", help=" | ".join(FAMILIES)),
     store: str = typer.Option(..., "--store", "-s", help="Store path or URL."),
     config: str = typer.Option("tiny", "--config", "-c", help="tiny (CPU tests) | base (paper sizes, GPU)."),
     set_: list[str] = typer.Option([], "--set", help="Config override section.key=value, e.g. train.steps=100, model.n_rois=419 (repeatable)."),
@@ -33,8 +33,10 @@ def train(
     from ..train import StoreBatches, Trainer, build_model, get_config
     from ..train.trainer import resolve_device
 
-    if family not in FAMILIES:
-        fail(ValueError(f"unknown family '{family}'; one of {', '.join(FAMILIES)}"))
+    try:
+        get_family(family)
+    except SettingError as exc:
+        fail(exc)
     try:
         if threads:
             torch.set_num_threads(threads)

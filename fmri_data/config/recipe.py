@@ -9,6 +9,7 @@ A recipe names a target (grid, TR, normalization, atlases, chunking). Recipes li
 from __future__ import annotations
 
 import copy
+import os
 import hashlib
 import json
 from pathlib import Path
@@ -40,16 +41,19 @@ def _read_yaml(path: Path) -> dict[str, Any]:
 
 
 def _resolve_path(name_or_path: str | Path) -> Path:
+    """A recipe file when the argument looks like a path (a ``.yaml``/``.yml`` suffix or a
+    folder separator), else a bundled recipe name: a folder or file named ``brainlm`` in the
+    working directory never shadows the bundled ``brainlm``."""
+    text = str(name_or_path)
     path = Path(name_or_path)
-    if path.suffix in (".yaml", ".yml") or path.exists():
+    if path.suffix in (".yaml", ".yml") or "/" in text or os.sep in text:
         if not path.is_file():
             raise RecipeError(f"{path}: recipe file not found")
         return path
-    bundled = pipelines_dir() / f"{name_or_path}.yaml"
+    bundled = pipelines_dir() / f"{text}.yaml"
     if not bundled.is_file():
-        raise RecipeError(
-            f"unknown recipe '{name_or_path}'; bundled recipes: {', '.join(available_recipes())}"
-        )
+        hint = f" (for the file '{text}' here, write ./{text})" if path.is_file() else ""
+        raise RecipeError(f"unknown recipe '{text}'; bundled recipes: {', '.join(available_recipes())}{hint}")
     return bundled
 
 

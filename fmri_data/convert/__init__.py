@@ -7,8 +7,9 @@ committed atomically (write). Runs that fail record a one-line error naming the 
 the cause; the others still convert. A second conversion into the same store skips the
 runs already complete.
 
-Modules: ``dataset`` (the whole dataset), ``run`` (one run), ``volume`` / ``surface`` /
-``tables`` (one kind of output each), ``context`` (per-run state and operator caches).
+Modules: ``dataset`` (the whole dataset), ``run`` (one run), ``outputs`` (one module per kind
+of output, each declaring the values it needs and provides; ``outputs.OUTPUT_KINDS`` is their
+order), ``context`` (a run's read-only inputs and operator caches).
 """
 
 import sys

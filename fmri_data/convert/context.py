@@ -1,11 +1,11 @@
-"""Per-run state shared by the conversion steps, operator caches, and small helpers."""
+"""A run's read-only conversion inputs (:class:`RunInputs`), operator caches, and small helpers."""
 
 from __future__ import annotations
 
 import threading
 from collections import OrderedDict
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any, Callable, Mapping
 
 import numpy as np
 
@@ -14,7 +14,6 @@ from ..derive.roi import ParcelOperator, volume_parcel_operator
 from ..derive.volume import normalize
 from ..discover import RunSpec
 from ..errors import InputError
-from ..reference.grids import Grid
 from ..read.common import file_sha256
 from ..config.recipe import Recipe
 from ..store.writer import RunWriter
@@ -76,44 +75,39 @@ def cached_parcel_operator(atlas: Atlas, folder: str | None, shape, affine) -> P
 
 
 
-@dataclass
-class RunContext:
-    """What one run's conversion knows and has produced so far.
+@dataclass(frozen=True)
+class RunInputs:
+    """What one run's outputs are built from: fixed before the first output, read by every one.
 
-    Steps fill the data fields so that later steps (quality metrics, saliency scores)
-    reuse what is already in memory instead of reading the sources again:
+    ``warnings`` and ``sources`` are the run's append-only log (kept in the run attributes);
+    what one output hands to the next is passed as named values instead
+    (:mod:`fmri_data.convert.outputs.base`).
 
     Attributes:
-        tr_in, tr_out: source and stored repetition times (s).
-        brain_source: ``(T_in, N)`` float32 brain-voxel series on the target grid at the
-            source TR, before temporal resampling and normalization (None without volume output).
-        mask: ``(X, Y, Z)`` bool brain mask on the target grid; ``grid`` that grid.
-        roi: stored ROI series by array key, ``(T_out, R)`` float32 (normalized as stored).
-        confounds: ``(columns, (T_in, C) float32)`` or None.
-        source_frames: what the volume QA metrics need from the source frames
-            (:class:`fmri_data.convert.outputs.qa.SourceFrames`), gathered in the converter's
-            streaming pass; QA takes it (and drops it) or reads the source itself when None.
+        spec: the run, its file paths pointing at local copies.
+        recipe: resolved recipe; recipe_hash: its hash.
+        atlas_dir: folder of atlas files, or None.
+        writer: the run's staging group.
         origin: local copy -> original URL, for files fetched from remote storage.
+        warnings: the run's warnings, in order.
+        sources: the files read, as run attribute ``sources`` entries (see :meth:`add_source`).
     """
 
     spec: RunSpec
     recipe: Recipe
     recipe_hash: str
     atlas_dir: str | None
+    writer: RunWriter
+    origin: Mapping[str, str] = field(default_factory=dict)
     warnings: list[str] = field(default_factory=list)
     sources: list[dict[str, Any]] = field(default_factory=list)
-    tr_in: float | None = None
-    tr_out: float | None = None
-    brain_source: np.ndarray | None = None
-    mask: np.ndarray | None = None
-    grid: Grid | None = None
-    roi: dict[str, np.ndarray] = field(default_factory=dict)
-    confounds: tuple[list[str], np.ndarray] | None = None
-    source_frames: Any = None
-    origin: dict[str, str] = field(default_factory=dict)
 
     def add_source(self, path: str, kind: str, space: str | None, derivative: bool) -> None:
-        """Record a file read for this run, with its sha256 (under its original URL when fetched)."""
+        """Record a file read for this run, with its sha256 (under its original URL when fetched).
+
+        Raises:
+            InputError: the file cannot be read.
+        """
         original = self.origin.get(path, path)
         if any(s["path"] == original for s in self.sources):
             return
@@ -140,10 +134,14 @@ def check_finite(block: np.ndarray, path: str, start: int, policy: str) -> np.nd
     raise InputError(path, f"{bad} NaN/inf values in frames from {start} (recipe inputs.nan_policy=error)")
 
 
-def write_roi(ctx: RunContext, writer: RunWriter, key: str, series, labels, atlas_info, source, missing, n_voxels) -> None:
-    """Normalize (recipe ``roi.normalization``) and write ``roi/<key>`` ``(T, R)`` float32."""
-    store_cfg = ctx.recipe["store"]
-    z, params, arrays = normalize(series, ctx.recipe["roi"]["normalization"] if ctx.recipe["roi"] else "none")
+def write_roi(run: RunInputs, key: str, series, labels, atlas_info, source, missing, n_voxels) -> np.ndarray:
+    """Normalize (recipe ``roi.normalization``) and write ``roi/<key>`` ``(T, R)`` float32.
+
+    Returns:
+        the series as stored, ``(T, R)`` float32.
+    """
+    store_cfg = run.recipe["store"]
+    z, params, arrays = normalize(series, run.recipe["roi"]["normalization"] if run.recipe["roi"] else "none")
     params.update({k: v.tolist() for k, v in arrays.items()})
     attrs = {
         "labels": list(labels),
@@ -155,11 +153,9 @@ def write_roi(ctx: RunContext, writer: RunWriter, key: str, series, labels, atla
     if n_voxels is not None:
         attrs["n_voxels"] = [int(n) for n in n_voxels]
     if missing:
-        ctx.warnings.append(f"roi/{key}: {len(missing)} parcels have no voxel in the field of view (series set to 0)")
-    ctx.roi[key] = z
-    writer.write_series(
+        run.warnings.append(f"roi/{key}: {len(missing)} parcels have no voxel in the field of view (series set to 0)")
+    run.writer.write_series(
         f"roi/{key}", z.shape[0], (z.shape[1],), "float32", store_cfg["chunk_frames"], store_cfg["shard_chunks"],
         store_cfg["compression"], lambda a, b: z[a:b], attrs=attrs, dimension_names=("time", "parcel"),
     )
-
-
+    return z

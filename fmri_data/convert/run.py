@@ -11,16 +11,11 @@ from ..discover import RunSpec, Source
 from ..errors import FmriDataError
 from ..config.recipe import Recipe, recipe_hash
 from ..read.remote import local_copies
-from ..store.writer import RunWriter
 from ..store.root import Store
 from ..store.layout import now, software_versions
-from .context import RunContext
-from .outputs.flat import flat_outputs
-from .outputs.qa import qa_outputs
-from .outputs.saliency import saliency_outputs
-from .outputs.surface import cifti_outputs, gifti_outputs
-from .outputs.tables import table_outputs
-from .outputs.volume import volume_outputs
+from .context import RunInputs
+from .outputs import OUTPUT_KINDS
+from .outputs.base import build_outputs
 
 log = logging.getLogger(__name__)
 
@@ -70,33 +65,23 @@ def _file_paths(spec: RunSpec) -> list[str]:
     return [s.path for s in spec.sources()] + [p for p in (spec.mask, spec.confounds, spec.events) if p]
 
 
-def _build(ctx: RunContext, writer: RunWriter) -> dict[str, Any] | None:
-    """Write every output the recipe asks for; None when none applies to this run."""
-    spec, recipe = ctx.spec, ctx.recipe
-    attrs: dict[str, Any] = {}
-    if spec.volume is not None:
-        attrs.update(volume_outputs(ctx, writer))
-    has_roi = any(name.startswith("roi/") for name in writer.outputs)
-    attrs.update(cifti_outputs(ctx, writer, atlas_rois=not has_roi))
-    has_roi = has_roi or (spec.cifti_dense is not None and bool(recipe["roi"]))
-    if spec.surface and recipe["roi"] and not has_roi:
-        attrs.update(gifti_outputs(ctx, writer))
-    attrs.update(flat_outputs(ctx, writer, attrs))
-    if not writer.outputs:
+def _build(run: RunInputs) -> dict[str, Any] | None:
+    """Write every output the recipe asks for (:data:`~.outputs.OUTPUT_KINDS`, in order) and
+    return the run attributes; None when none applies to this run."""
+    attrs = build_outputs(run, OUTPUT_KINDS)
+    if attrs is None:
         return None
-    attrs.update(table_outputs(ctx, writer, attrs["n_frames_source"]))
-    saliency_outputs(ctx, writer, attrs)
-    attrs.update(qa_outputs(ctx, attrs))
+    spec = run.spec
     attrs.update(
         run_id=spec.run_id,
         entities=spec.entities,
-        sources=ctx.sources,
+        sources=run.sources,
         participant=spec.participant,
         metadata=spec.metadata,
-        recipe_hash=ctx.recipe_hash,
+        recipe_hash=run.recipe_hash,
         software=software_versions(),
         created=now(),
-        warnings=ctx.warnings,
+        warnings=run.warnings,
     )
     return attrs
 
@@ -135,7 +120,7 @@ def convert_run(
     if spec.error:
         result.error = spec.error
         return result
-    ctx = RunContext(spec, recipe, recipe_hash(recipe), atlas_dir)
+    warnings: list[str] = []  # the run's log, kept past a failure
     writer = None
     store = None
     mapping: dict[str, str] = {}
@@ -149,10 +134,12 @@ def convert_run(
             return result
         store.clear_staging(spec.run_id)
         with local_copies(_file_paths(spec), input_options) as mapping:
-            ctx.spec = _localized(spec, mapping)
-            ctx.origin = {local: original for original, local in mapping.items()}
             writer = store.begin_run(spec.run_id)
-            attrs = _build(ctx, writer)
+            run = RunInputs(
+                _localized(spec, mapping), recipe, recipe_hash(recipe), atlas_dir, writer,
+                origin={local: original for original, local in mapping.items()}, warnings=warnings,
+            )
+            attrs = _build(run)
             if attrs is None:
                 result.status, result.error = "skipped", _no_output_reason(spec, recipe)
                 return result
@@ -175,7 +162,7 @@ def convert_run(
                 pass
         if store is not None and result.status != "claimed":
             store.release(spec.run_id)
-        result.warnings = [_with_origins(w, mapping) for w in ctx.warnings]
+        result.warnings = [_with_origins(w, mapping) for w in warnings]
         result.seconds = time.perf_counter() - started
     return result
 

@@ -1,1 +1,1 @@
-"""Derived outputs computed from resampled series: volumes, ROI series."""
+"""Derived quantities, pure numerics on resampled series: brain masks and normalization, parcel means, flat maps, the window grid, motion, saliency scorers, QA metrics."""

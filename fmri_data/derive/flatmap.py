@@ -47,6 +47,7 @@ import numpy as np
 import scipy.sparse as sp
 from scipy.spatial import Delaunay
 
+from ..errors import SettingError
 from ..resample.operator import PreparedOperator
 
 #: Bump when the operator numerics change, so that cached files are rebuilt.
@@ -208,14 +209,14 @@ def flat_operator(points: np.ndarray, faces: np.ndarray, grid: FlatGrid, n_verti
         row 3 barycentric weights summing to 1; ``mask (H, W)`` bool valid pixels.
 
     Raises:
-        ValueError: unknown triangulation, or no pixel inside the patch.
+        SettingError: unknown triangulation, or no pixel inside the patch.
     """
     if triangulation not in ("delaunay", "mesh"):
-        raise ValueError(f"unknown triangulation '{triangulation}' (delaunay or mesh)")
+        raise SettingError(f"unknown triangulation '{triangulation}' (delaunay or mesh)")
     tri = containing_triangle(points, faces, grid)
     valid = tri >= 0
     if not valid.any():
-        raise ValueError("no pixel of the grid lies inside the flat patch (check the bounding box)")
+        raise SettingError("no pixel of the grid lies inside the flat patch (check the bounding box)")
     xy = grid.points()[valid]
     if triangulation == "mesh":
         corners = faces[tri[valid]]
@@ -264,7 +265,7 @@ def layout(flats: dict[str, tuple[np.ndarray, np.ndarray]], cortex: dict[str, np
     if fit == "contain" and bbox is not None:
         scale = contain_scale(xy["L"], xy["R"], gap_mm, bbox)
     elif fit not in ("none", "contain"):
-        raise ValueError(f"unknown fit '{fit}' (none or contain)")
+        raise SettingError(f"unknown fit '{fit}' (none or contain)")
     left, right = place_hemispheres(xy["L"] * scale, xy["R"] * scale, gap_mm)
     points = np.vstack([left, right])
     if fit == "contain" and bbox is not None:
@@ -419,7 +420,7 @@ def render_flat(operator: sp.spmatrix | PreparedOperator, mask: np.ndarray, valu
         ``(H, W)`` or ``(T, H, W)`` float32 (time first).
 
     Raises:
-        ValueError: ``values`` does not have N rows, ``mask`` does not have ``n_valid``
+        SettingError: ``values`` does not have N rows, ``mask`` does not have ``n_valid``
             valid pixels, or an unknown / unavailable method or device.
     """
     prepared = operator if isinstance(operator, PreparedOperator) else PreparedOperator(operator, method, device)
@@ -427,10 +428,10 @@ def render_flat(operator: sp.spmatrix | PreparedOperator, mask: np.ndarray, valu
     single = values.ndim == 1
     series = values[:, None] if single else values  # (N, T)
     if series.shape[0] != prepared.shape[1]:
-        raise ValueError(f"values have {series.shape[0]} rows; the operator has {prepared.shape[1]} columns")
+        raise SettingError(f"values have {series.shape[0]} rows; the operator has {prepared.shape[1]} columns")
     pixels = np.flatnonzero(np.asarray(mask).ravel())
     if len(pixels) != prepared.shape[0]:
-        raise ValueError(f"mask has {len(pixels)} valid pixels; the operator has {prepared.shape[0]} rows")
+        raise SettingError(f"mask has {len(pixels)} valid pixels; the operator has {prepared.shape[0]} rows")
     out = np.full((series.shape[1], mask.size), fill, dtype=np.float32)
     for start in range(0, series.shape[1], FRAMES_PER_STEP):  # the pixel block stays in cache for the scatter
         stop = min(start + FRAMES_PER_STEP, series.shape[1])

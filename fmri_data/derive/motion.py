@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from ..errors import SettingError
+
 
 
 #: fMRIPrep confounds columns FD is computed from (rotations in radians, translations in mm).
@@ -38,15 +40,15 @@ def framewise_displacement(columns: list[str], confounds: np.ndarray, radius_mm:
         ``(T_source,)`` float64 FD in mm.
 
     Raises:
-        ValueError: a motion column is missing, or motion values are not finite.
+        SettingError: a motion column is missing, or motion values are not finite.
     """
     missing = [c for c in MOTION_COLUMNS if c not in columns]
     if missing:
-        raise ValueError(f"confounds have no {', '.join(missing)} column(s)")
+        raise SettingError(f"confounds have no {', '.join(missing)} column(s)")
     idx = [list(columns).index(c) for c in MOTION_COLUMNS]
     motion = np.asarray(confounds, dtype=np.float64)[:, idx]
     if not np.isfinite(motion).all():
-        raise ValueError("motion parameters contain NaN/inf")
+        raise SettingError("motion parameters contain NaN/inf")
     delta = np.abs(np.diff(motion, axis=0))
     fd = delta[:, :3].sum(axis=1) + radius_mm * delta[:, 3:].sum(axis=1)
     return np.concatenate([[0.0], fd])
@@ -104,11 +106,11 @@ def motion_penalize(scores: np.ndarray, censored: np.ndarray, ranges: np.ndarray
         ``(penalised (n,) float64, n_censored (n,) int64)``.
 
     Raises:
-        ValueError: a negative score (the penalty would promote it).
+        SettingError: a negative score (the penalty would promote it).
     """
     scores = np.asarray(scores, dtype=np.float64)
     if (scores < 0).any():
-        raise ValueError("motion penalty needs scores >= 0")
+        raise SettingError("motion penalty needs scores >= 0")
     n_censored = np.array([int(censored[a:b].sum()) for a, b in ranges], dtype=np.int64)
     return scores / (1.0 + n_censored), n_censored
 

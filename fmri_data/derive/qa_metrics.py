@@ -28,6 +28,7 @@ import math
 import numpy as np
 from scipy import stats
 
+from ..errors import SettingError
 from .motion import framewise_displacement
 
 __all__ = [
@@ -52,7 +53,7 @@ NSS_FRAMES, NSS_THRESHOLD = 50, 3.5
 def _series(x: np.ndarray) -> np.ndarray:
     x = np.asarray(x)
     if x.ndim != 2:
-        raise ValueError(f"series must be (T, N), got shape {x.shape}")
+        raise SettingError(f"series must be (T, N), got shape {x.shape}")
     return x
 
 
@@ -126,12 +127,12 @@ def dvars(x: np.ndarray, intensity: float | None = DVARS_INTENSITY, median: floa
     """
     x = _series(x)
     if x.shape[0] < 2:
-        raise ValueError(f"DVARS needs at least 2 frames, got {x.shape[0]}")
+        raise SettingError(f"DVARS needs at least 2 frames, got {x.shape[0]}")
     y = np.asarray(x, dtype=np.float32)
     if intensity is not None:
         median = float(np.median(y)) if median is None else float(median)
         if median == 0:
-            raise ValueError("DVARS intensity normalization needs a non-zero median (pass intensity=None)")
+            raise SettingError("DVARS intensity normalization needs a non-zero median (pass intensity=None)")
         y = y * np.float32(intensity / median)
     q25, q75 = np.percentile(y, [25, 75], axis=0, method="lower")
     sd = (q75 - q25).astype(np.float64) / IQR_TO_SD
@@ -166,7 +167,7 @@ def fd_summary(fd: np.ndarray, threshold_mm: float) -> dict[str, float | int]:
     """
     fd = np.asarray(fd, dtype=np.float64)
     if fd.size < 2:
-        raise ValueError(f"FD summary needs at least 2 frames, got {fd.size}")
+        raise SettingError(f"FD summary needs at least 2 frames, got {fd.size}")
     moves = fd[1:]
     num = int((moves > threshold_mm).sum())
     return {"fd_mean": float(moves.mean()), "fd_num": num, "fd_perc": 100.0 * num / fd.size}
@@ -298,7 +299,7 @@ def fber(image: np.ndarray, mask: np.ndarray) -> float:
     """
     image, mask = np.asarray(image, dtype=np.float64), np.asarray(mask, dtype=bool)
     if image.shape != mask.shape:
-        raise ValueError(f"image {image.shape} and mask {mask.shape} differ in shape")
+        raise SettingError(f"image {image.shape} and mask {mask.shape} differ in shape")
     if not mask.any() or mask.all():
         return math.nan
     fg = float(np.median(np.abs(image[mask]) ** 2))

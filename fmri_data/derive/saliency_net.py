@@ -34,6 +34,8 @@ from typing import Any
 
 import numpy as np
 
+from ..errors import SettingError
+
 FORMAT = "fmri-data-saliency-net/1"
 
 
@@ -133,15 +135,15 @@ def resolve_device(device: str) -> str:
     """``"auto"`` -> ``"cuda"`` when available else ``"cpu"``.
 
     Raises:
-        ValueError: ``"cuda"`` requested but not available, or an unknown device.
+        SettingError: ``"cuda"`` requested but not available, or an unknown device.
     """
     torch = _torch()
     if device == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
     if device == "cuda" and not torch.cuda.is_available():
-        raise ValueError("device 'cuda' requested but torch.cuda.is_available() is False")
+        raise SettingError("device 'cuda' requested but torch.cuda.is_available() is False")
     if device not in ("cpu", "cuda"):
-        raise ValueError(f"unknown device '{device}' (cpu, cuda or auto)")
+        raise SettingError(f"unknown device '{device}' (cpu, cuda or auto)")
     return device
 
 
@@ -193,18 +195,18 @@ def fit(
         :class:`FitResult` with the network on the CPU and the loss of every step.
 
     Raises:
-        ValueError: no run is at least ``window`` frames long, runs differ in ``R``, or
+        SettingError: no run is at least ``window`` frames long, runs differ in ``R``, or
             the device is unavailable.
     """
     runs = [standardize(s) for s in series if s.shape[0] >= window]
     if not runs:
-        raise ValueError(f"no run has at least {window} frames to train on")
+        raise SettingError(f"no run has at least {window} frames to train on")
     n_channels = runs[0].shape[1]
     if any(r.shape[1] != n_channels for r in runs):
-        raise ValueError(f"runs have different numbers of parcels: {sorted({r.shape[1] for r in runs})}")
+        raise SettingError(f"runs have different numbers of parcels: {sorted({r.shape[1] for r in runs})}")
     config = config or NetConfig(n_channels)
     if config.n_channels != n_channels:
-        raise ValueError(f"config.n_channels={config.n_channels} but the series have {n_channels} parcels")
+        raise SettingError(f"config.n_channels={config.n_channels} but the series have {n_channels} parcels")
     device = resolve_device(device)
     with cpu_threads(threads):
         return _train(runs, window, config, steps, batch, lr, seed, device)
@@ -260,15 +262,15 @@ def reconstruction_error(
         ``(n,)`` float64 (z-score units squared).
 
     Raises:
-        ValueError: ``R`` differs from the network's, or windows exceed the run.
+        SettingError: ``R`` differs from the network's, or windows exceed the run.
     """
     torch = _torch()
     if series.ndim != 2 or series.shape[1] != config.n_channels:
-        raise ValueError(f"series has shape {series.shape}; the network models {config.n_channels} parcels")
+        raise SettingError(f"series has shape {series.shape}; the network models {config.n_channels} parcels")
     if len(starts) == 0:
         return np.zeros(0, dtype=np.float64)
     if starts.min() < 0 or starts.max() + window > series.shape[0]:
-        raise ValueError(f"windows of {window} frames exceed the run's {series.shape[0]} frames")
+        raise SettingError(f"windows of {window} frames exceed the run's {series.shape[0]} frames")
     device = resolve_device(device)
     z = standardize(series)
     x = torch.from_numpy(np.stack([z[s : s + window].T for s in starts])).to(device)  # (n, R, W)
@@ -324,7 +326,7 @@ def from_bytes(data: bytes, where: str = "<bytes>") -> tuple[Any, NetConfig, dic
         ``(net, config, metadata)`` with the network on the CPU in eval mode.
 
     Raises:
-        ValueError: not an fmri-data saliency network.
+        SettingError: not an fmri-data saliency network.
     """
     from safetensors.torch import load
 
@@ -332,9 +334,9 @@ def from_bytes(data: bytes, where: str = "<bytes>") -> tuple[Any, NetConfig, dic
         (length,) = struct.unpack("<Q", data[:8])
         metadata = json.loads(data[8 : 8 + length]).get("__metadata__") or {}
     except (struct.error, ValueError) as exc:
-        raise ValueError(f"{where}: not a safetensors file ({exc})") from exc
+        raise SettingError(f"{where}: not a safetensors file ({exc})") from exc
     if metadata.get("format") != FORMAT:
-        raise ValueError(f"{where}: not an fmri-data saliency network (format {metadata.get('format')!r})")
+        raise SettingError(f"{where}: not an fmri-data saliency network (format {metadata.get('format')!r})")
     config = NetConfig.from_json(metadata["config"])
     net = build_net(config)
     net.load_state_dict(load(data))

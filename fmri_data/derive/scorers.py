@@ -46,6 +46,7 @@ from typing import Callable
 import numpy as np
 import scipy.sparse as sp
 
+from ..errors import SettingError
 from .motion import MOTION_SUFFIX
 
 
@@ -53,9 +54,9 @@ from .motion import MOTION_SUFFIX
 def _windows(x: np.ndarray, starts: np.ndarray, window: int):
     x = np.asarray(x)
     if x.ndim != 2:
-        raise ValueError(f"series must be (T, P), got shape {x.shape}")
+        raise SettingError(f"series must be (T, P), got shape {x.shape}")
     if len(starts) and (starts.min() < 0 or starts.max() + window > x.shape[0]):
-        raise ValueError(f"windows of {window} frames starting at {starts.min()}..{starts.max()} exceed {x.shape[0]} frames")
+        raise SettingError(f"windows of {window} frames starting at {starts.min()}..{starts.max()} exceed {x.shape[0]} frames")
     for s in starts:
         yield np.asarray(x[s : s + window], dtype=np.float64)
 
@@ -120,7 +121,7 @@ def dvars(x: np.ndarray, starts: np.ndarray, window: int) -> np.ndarray:
     """
     d = dvars_series(x)
     if len(starts) and (starts.min() < 0 or starts.max() + window > len(d)):
-        raise ValueError(f"windows of {window} frames starting at {starts.min()}..{starts.max()} exceed {len(d)} frames")
+        raise SettingError(f"windows of {window} frames starting at {starts.min()}..{starts.max()} exceed {len(d)} frames")
     return np.array([d[s + 1 : s + window].mean() for s in starts], dtype=np.float64)
 
 
@@ -144,11 +145,11 @@ def dfc_distance(x: np.ndarray, starts: np.ndarray, window: int) -> np.ndarray:
         (0 for a run with a single window).
 
     Raises:
-        ValueError: fewer than 2 channels.
+        SettingError: fewer than 2 channels.
     """
     x = np.asarray(x)
     if x.ndim != 2 or x.shape[1] < 2:
-        raise ValueError(f"dynamic FC needs a (T, P) series with P >= 2, got shape {x.shape}")
+        raise SettingError(f"dynamic FC needs a (T, P) series with P >= 2, got shape {x.shape}")
     p = x.shape[1]
     if len(starts) == 0:
         return np.zeros(0, dtype=np.float64)
@@ -200,11 +201,11 @@ def top_k(scores: np.ndarray, k: int) -> np.ndarray:
         ``(min(k, n),)`` int64.
 
     Raises:
-        ValueError: a score is NaN or infinite.
+        SettingError: a score is NaN or infinite.
     """
     scores = np.asarray(scores, dtype=np.float64)
     if not np.isfinite(scores).all():
-        raise ValueError("saliency scores must be finite")
+        raise SettingError("saliency scores must be finite")
     order = np.lexsort((np.arange(len(scores)), -scores))
     return order[: max(0, int(k))].astype(np.int64)
 
@@ -257,6 +258,6 @@ def finite_or_zero(scores: np.ndarray) -> np.ndarray:
 
 
 def check_window(window: int, stride: int, k: int) -> None:
-    """Raise ValueError for impossible window settings."""
+    """Raise SettingError for impossible window settings."""
     if window < 2 or stride < 1 or k < 1:
-        raise ValueError(f"saliency needs window >= 2, stride >= 1 and k >= 1 (got {window}, {stride}, {k})")
+        raise SettingError(f"saliency needs window >= 2, stride >= 1 and k >= 1 (got {window}, {stride}, {k})")

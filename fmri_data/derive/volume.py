@@ -20,6 +20,8 @@ from typing import Any
 import nibabel as nib
 import numpy as np
 
+from ..errors import SettingError
+
 
 def epi_mask(mean_image: np.ndarray, affine: np.ndarray) -> np.ndarray:
     """Brain mask of an EPI run from its temporal mean image.
@@ -87,7 +89,7 @@ def normalize(x: np.ndarray, kind: str) -> tuple[np.ndarray, dict[str, Any], dic
         q25, center, q75 = np.percentile(x, [25, 50, 75], axis=0)
         scale = q75 - q25
     else:
-        raise ValueError(f"unknown normalization {kind!r}")
+        raise SettingError(f"unknown normalization {kind!r}")
     scale = np.where(scale > 0, scale, 1.0)
     y = ((x - center) / scale).astype(np.float32)
     return y, {"kind": kind}, {"center": center.astype(np.float32), "scale": scale.astype(np.float32)}

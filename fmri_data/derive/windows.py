@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from ..errors import SettingError
+
 
 
 
@@ -27,10 +29,10 @@ def window_starts(n_frames: int, window: int, stride: int, *, min_window: int = 
         ``(n_windows,)`` int64: ``0, S, 2S, ...`` with ``start + W <= T`` (empty when ``T < W``).
 
     Raises:
-        ValueError: ``window < min_window`` or ``stride < 1``.
+        SettingError: ``window < min_window`` or ``stride < 1``.
     """
     if window < min_window or stride < 1:
-        raise ValueError(f"window must be >= {min_window} and stride >= 1 frames (got window={window}, stride={stride})")
+        raise SettingError(f"window must be >= {min_window} and stride >= 1 frames (got window={window}, stride={stride})")
     if n_frames < window:
         return np.zeros(0, dtype=np.int64)
     return np.arange(0, n_frames - window + 1, stride, dtype=np.int64)

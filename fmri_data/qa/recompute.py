@@ -6,36 +6,8 @@ from typing import Any
 
 import numpy as np
 
-from ..convert.context import RunContext
-
-from ..convert.outputs.qa import qa_outputs
-
-
-
-# ---------------------------------------------------------------------------- recompute
-def write_run_attrs(store, run_id: str, attrs: dict[str, Any]) -> None:
-    """Replace a committed run's attributes in one step: a rename on a local disk, one PUT on
-    object storage (a reader sees the old or the new ``zarr.json``, never a mix)."""
-    import json
-    import os
-    import secrets
-
-    from ..config.schema import to_json, validate
-    from ..store.layout import RUNS, is_local
-
-    attrs = to_json(attrs)
-    validate(attrs, "run", f"{store.url}/{RUNS}/{run_id}")
-    path = f"{store.path}/{RUNS}/{run_id}/zarr.json"
-    meta = json.loads(store.fs.cat_file(path))
-    meta["attributes"] = attrs
-    payload = json.dumps(meta, indent=2).encode()
-    if is_local(store.fs):
-        tmp = f"{path}.{secrets.token_hex(4)}.tmp"
-        with open(tmp, "wb") as fh:
-            fh.write(payload)
-        os.replace(tmp, path)
-    else:
-        store.fs.pipe_file(path, payload)
+from ..convert.outputs.base import Timing
+from ..convert.outputs.qa import QAInputs, compute_qa
 
 
 def recompute_qa(
@@ -77,7 +49,6 @@ def recompute_qa(
     from .table import write_qa_table
     from ..read.common import file_sha256
     from ..read.tables import read_confounds
-    from ..config.recipe import recipe_hash
     from ..store.root import Store
 
     store = Store.open(store_url, storage_options)
@@ -109,18 +80,19 @@ def recompute_qa(
             if changed or not any(p in recorded for p in files):
                 out[run_id] = f"sources differ from the converted ones: {', '.join(changed) or 'none of the files was converted'}"
                 continue
-            ctx = RunContext(spec, recipe, recipe_hash(recipe), None)
-            ctx.tr_in = float(attrs["source_tr_s"])
+            mask = grid = None
             if "brain_mask" in attrs["outputs"] and "volume" in attrs:
-                ctx.mask = np.asarray(store.run(run_id)["brain_mask"][:], dtype=bool)
-                ctx.grid = Grid.from_affine(ctx.mask.shape, attrs["volume"]["affine"])
-            if spec.confounds:
-                ctx.confounds = read_confounds(spec.confounds)
-            result = qa_outputs(ctx, attrs)
+                mask = np.asarray(store.run(run_id)["brain_mask"][:], dtype=bool)
+                grid = Grid.from_affine(mask.shape, attrs["volume"]["affine"])
+            confounds = read_confounds(spec.confounds) if spec.confounds else None
+            inputs = QAInputs(spec, recipe, float(attrs["source_tr_s"]), mask, grid, confounds)
+            timing = Timing(attrs["tr_s"], attrs["source_tr_s"], attrs["n_frames"], attrs["n_frames_source"])
+            notes: list[str] = []
+            result = compute_qa(inputs, timing, notes)
             if not result:
-                out[run_id] = "; ".join(ctx.warnings) or "QA disabled"
+                out[run_id] = "; ".join(notes) or "QA disabled"
                 continue
-            write_run_attrs(store, run_id, {**attrs, **result})
+            store.write_run_attrs(run_id, {**attrs, **result})
             out[run_id] = "updated"
     write_qa_table(store)
     return out

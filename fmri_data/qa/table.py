@@ -9,9 +9,10 @@ from __future__ import annotations
 
 from typing import Any
 
+from ..store.layout import QA_TABLE
 from ..store.root import Store
 
-TABLE = "qa.parquet"
+TABLE = QA_TABLE
 
 #: Scalar metrics: (key in run attrs ``qa``, label, direction: +1 higher is better, -1 lower is better, 0 neither).
 METRICS: tuple[tuple[str, str, int], ...] = (
@@ -59,7 +60,9 @@ def write_qa_table(store: Store, rows: list[dict[str, Any]] | None = None) -> in
 
     Columns: ``run_id``, BIDS entities, ``tr_s``, ``source_tr_s``, ``n_frames``,
     ``n_frames_source``, ``kind``, ``n_channels``, ``gsr_axis`` and the metrics of
-    :data:`METRICS` (float, null where a metric does not apply).
+    :data:`METRICS` (float, null where a metric does not apply). Written atomically
+    (:meth:`Store.write_file <fmri_data.store.root.Store.write_file>`): a write cut short
+    leaves the previous table.
     """
     import pandas as pd
 
@@ -69,8 +72,7 @@ def write_qa_table(store: Store, rows: list[dict[str, Any]] | None = None) -> in
     table = pd.DataFrame(rows, columns=columns)
     for key, _, _ in METRICS:
         table[key] = pd.to_numeric(table[key], errors="coerce").astype("float64")
-    with store.fs.open(f"{store.path}/{TABLE}", "wb") as fh:
-        table.to_parquet(fh, index=False)
+    store.write_file(TABLE, lambda fh: table.to_parquet(fh, index=False))
     return len(table)
 
 

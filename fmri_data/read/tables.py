@@ -19,7 +19,8 @@ def read_events(path: str | Path) -> list[dict[str, Any]]:
     """Rows of a BIDS ``events.tsv`` (``onset``/``duration`` in seconds, floats; ``n/a`` -> None).
 
     Raises:
-        InputError: unreadable, or missing the required ``onset``/``duration`` columns.
+        InputError: unreadable, missing the required ``onset``/``duration`` columns, or an
+            ``onset`` (``duration``) that is not a number of seconds (``duration`` may be n/a).
     """
     import pandas as pd
 
@@ -30,6 +31,16 @@ def read_events(path: str | Path) -> list[dict[str, Any]]:
     missing = {"onset", "duration"} - set(table.columns)
     if missing:
         raise InputError(path, f"events table lacks required columns {sorted(missing)}")
+    for column in ("onset", "duration"):  # BIDS: numbers in seconds (duration may be n/a)
+        numbers = pd.to_numeric(table[column], errors="coerce")
+        bad = numbers.isna() & table[column].notna()
+        if column == "onset":
+            bad |= table[column].isna()
+        if bad.any():
+            row = int(bad.to_numpy().nonzero()[0][0])
+            raise InputError(path, f"events column '{column}' is not a number in seconds on row {row + 2}: "
+                                   f"{table[column].iloc[row]!r}")
+        table[column] = numbers
     table = table.astype(object).where(table.notna(), None)
     return [{k: _plain(v) for k, v in row.items()} for row in table.to_dict(orient="records")]
 

@@ -32,6 +32,8 @@ import numba
 import numpy as np
 import scipy.sparse as sp
 
+from ..errors import SettingError
+
 METHODS = ("auto", "numba", "torch", "sparse", "reference")
 DEVICES = ("auto", "cpu", "cuda")
 
@@ -106,19 +108,19 @@ def resolve_backend(method: str = "auto", device: str = "auto") -> tuple[str, st
         ``cpu`` or a CUDA device name.
 
     Raises:
-        ValueError: unknown method or device, CUDA requested but not available, or a
+        SettingError: unknown method or device, CUDA requested but not available, or a
             CPU-only method asked to run on CUDA.
     """
     if method not in METHODS:
-        raise ValueError(f"unknown resampling method {method!r}; use one of {', '.join(METHODS)}")
+        raise SettingError(f"unknown resampling method {method!r}; use one of {', '.join(METHODS)}")
     if device.split(":")[0] not in DEVICES:
-        raise ValueError(f"unknown device {device!r}; use auto, cpu or cuda")
+        raise SettingError(f"unknown device {device!r}; use auto, cpu or cuda")
     wants_cuda = device.startswith("cuda")
     if wants_cuda and not cuda_available():
-        raise ValueError(f"device {device!r} requested but torch sees no CUDA device")
+        raise SettingError(f"device {device!r} requested but torch sees no CUDA device")
     if method in ("sparse", "reference", "numba"):
         if wants_cuda:
-            raise ValueError(f"method {method!r} runs on the CPU only; use method 'torch' or 'auto' for {device}")
+            raise SettingError(f"method {method!r} runs on the CPU only; use method 'torch' or 'auto' for {device}")
         return ("sparse" if method == "reference" else method), "cpu"
     on_gpu = wants_cuda or (device == "auto" and cuda_available())
     if method == "auto" and not on_gpu:
@@ -176,15 +178,15 @@ class PreparedOperator:
         """Apply to ``x (n_inputs, C)``; writes into ``out (n_outputs, C)`` (any layout) if given.
 
         Raises:
-            ValueError: ``x`` or ``out`` has the wrong shape.
+            SettingError: ``x`` or ``out`` has the wrong shape.
         """
         x = np.asarray(x)
         if x.ndim != 2 or x.shape[0] != self.shape[1]:
-            raise ValueError(f"operator takes ({self.shape[1]}, C) input, got {x.shape}")
+            raise SettingError(f"operator takes ({self.shape[1]}, C) input, got {x.shape}")
         if out is None:
             out = np.empty((self.shape[0], x.shape[1]), dtype=np.float32)
         elif out.shape != (self.shape[0], x.shape[1]):
-            raise ValueError(f"output must be {(self.shape[0], x.shape[1])}, got {out.shape}")
+            raise SettingError(f"output must be {(self.shape[0], x.shape[1])}, got {out.shape}")
         if self.backend == "sparse":
             out[...] = self._matrix @ x
             return out

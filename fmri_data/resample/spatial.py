@@ -22,6 +22,7 @@ import numpy as np
 import scipy.sparse as sp
 from scipy import ndimage
 
+from ..errors import SettingError
 from .operator import CHUNK_BYTES, PreparedOperator
 
 
@@ -83,7 +84,7 @@ def trilinear_weights(
         _trilinear_kernel(coords, shape, index, weight)
         return index, weight
     if method != "numpy":
-        raise ValueError(f"method must be 'numba' or 'numpy', got {method!r}")
+        raise SettingError(f"method must be 'numba' or 'numpy', got {method!r}")
     valid = inside_source(coords, source_shape)
     c = np.where(valid[:, None], coords, 0.0)
     base = np.floor(c).astype(np.int64)
@@ -166,7 +167,7 @@ def resampling_matrix(
         explicit zeros.
 
     Raises:
-        ValueError: ``order`` is not 0 or 1.
+        SettingError: ``order`` is not 0 or 1.
     """
     coords = source_coordinates(source_affine, target_affine, target_ijk)
     n_source = int(np.prod(source_shape))
@@ -176,7 +177,7 @@ def resampling_matrix(
         flat = nearest_index(coords, source_shape)
         index, weight = np.maximum(flat, 0)[:, None], (flat >= 0).astype(np.float64)[:, None]
     else:
-        raise ValueError(f"order must be 0 (nearest) or 1 (trilinear), got {order}")
+        raise SettingError(f"order must be 0 (nearest) or 1 (trilinear), got {order}")
     # corners are in increasing flat index within a row; zero weights (cells on the
     # source's last plane, coordinates outside it) are dropped
     keep = weight != 0.0
@@ -235,7 +236,7 @@ def resample_volume(
         float32 array ``(X', Y', Z')`` or ``(X', Y', Z', T)``.
 
     Raises:
-        ValueError: unknown ``order``, ``method`` or ``device``; CUDA asked for but absent.
+        SettingError: unknown ``order``, ``method`` or ``device``; CUDA asked for but absent.
     """
     volume = np.asarray(data)
     frames = volume.reshape(volume.shape[:3] + (-1,))

@@ -26,6 +26,7 @@ import numpy as np
 import scipy.sparse as sp
 from scipy import interpolate, signal
 
+from ..errors import SettingError
 from .operator import PreparedOperator
 
 
@@ -82,7 +83,7 @@ def resample_tr(
         itself (as float32) when the TRs are equal.
 
     Raises:
-        ValueError: non-positive TR, fewer than 2 frames, unknown ``kind``, ``method`` or
+        SettingError: non-positive TR, fewer than 2 frames, unknown ``kind``, ``method`` or
             ``device``.
     """
     _check(x, tr_in, tr_out, kind)
@@ -98,11 +99,11 @@ def resample_tr(
 
 def _check(x, tr_in: float, tr_out: float, kind: str) -> None:
     if tr_in <= 0 or tr_out <= 0:
-        raise ValueError(f"TRs must be positive, got {tr_in} -> {tr_out}")
+        raise SettingError(f"TRs must be positive, got {tr_in} -> {tr_out}")
     if kind not in ("linear", "cubic"):
-        raise ValueError(f"kind must be 'linear' or 'cubic', got {kind!r}")
+        raise SettingError(f"kind must be 'linear' or 'cubic', got {kind!r}")
     if np.shape(x)[0] < 2:
-        raise ValueError("temporal resampling needs at least 2 frames")
+        raise SettingError("temporal resampling needs at least 2 frames")
 
 
 @functools.lru_cache(maxsize=64)

@@ -5,8 +5,8 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from ..saliency import read_run_saliency
 from .root import Store
+from .saliency_group import read_run_saliency
 
 
 def summarize(store: Store) -> dict[str, Any]:

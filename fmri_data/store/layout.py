@@ -2,15 +2,32 @@
 
 Layout (``schemas/store.schema.json`` and ``schemas/run.schema.json`` are the contract)::
 
-    OUT.zarr/                 root group; attributes: schema_version, recipe, created, software
+    OUT.zarr/                 root group; attributes: schema_version, recipe, recipe_hash, created,
+                              software, bids_root, saliency_models (fitted networks: path, sha256, ...)
       runs/<run_id>/          one group per run, attributes per run.schema.json
         bold                  (T, X, Y, Z) float16, chunks (L, X, Y, Z), shards (k*L, X, Y, Z)
         brain_mask            (X, Y, Z) bool
-        roi/<atlas>           (T, R) float32, chunks (L, R), shards (k*L, R)
-        confounds             (T_source, C) float32
+        norm_<stat>           (X, Y, Z) float32, per-voxel normalization maps of ``bold``
+        flat                  (T, H, W) float16 flat-map video, chunks (L, H, W), shards (k*L, H, W)
+        flat_mask             (H, W) bool, pixels covered by cortex
+        roi/<atlas>           (T, R) float32, chunks (L, R), shards (k*L, R); ``<atlas>`` = roi_key()
+        confounds             (T_source, C) float32; attrs columns, tr_s
+        saliency/             group; attrs {"skipped": {scorer: reason}}
+          <scorer>/           group; attrs scorer, source, window, stride, k, k_requested,
+                              n_windows, n_frames, tr_s, description, params, created,
+                              software (+ model {name, path, sha256} for fitted networks)
+            scores            (n_windows,) float32, higher = more salient
+            starts            (n_windows,) int64, first frame of each window
+            topk              (k,) int64, indices into scores/starts, best first
+            censored          (n_windows,) int64, *_motion_penalized scorers only
+      models/saliency/<name>.safetensors   fitted saliency networks (root attrs saliency_models)
       index.parquet           one row per run (complete, failed, skipped), rebuilt after a conversion
-      _staging/               runs being written
+      qa.parquet              one row per complete run: entities and scalar QA metrics
+      _staging/               runs being written; groups replacing parts of a committed run
       _claims/<run_id>.json   which converter process is writing a run (host, pid, heartbeat)
+
+Which arrays a run has depends on the recipe (its ``outputs`` attribute lists them; ``T`` is
+the stored time axis, ``T_source`` the source's, ``L`` the recipe's ``chunk_frames``).
 
 A run is written into ``_staging/<run_id>.<token>/`` and moved to ``runs/<run_id>/`` only
 once every array and its attributes are written (a directory rename on a local disk, so
@@ -24,6 +41,13 @@ runs claimed by others, refreshes its claim while writing, and removes it after 
 commit. A claim whose process is gone (same host, pid no longer alive) or that was not
 refreshed for ``CLAIM_TIMEOUT_S`` is taken over, so a converter killed with SIGKILL does
 not block its runs forever.
+
+Every write to a store goes through this package: a conversion writes runs with
+:class:`~fmri_data.store.writer.RunWriter`; later changes (rescoring ``saliency/``,
+recomputed ``qa`` attributes, ``index.parquet``, ``qa.parquet``, fitted networks, root
+attributes) use :mod:`fmri_data.store.replace` through :class:`~fmri_data.store.root.Store`:
+files are written to a temporary file renamed into place on a local disk (one PUT elsewhere)
+and groups inside a committed run are written under ``_staging/`` and moved into place.
 
 Writes to sharded arrays always cover whole shards (``k*L`` frames starting at a multiple
 of ``k*L``): a partial-shard write from two writers would lose data (zarr-python #3682).
@@ -48,6 +72,9 @@ RUNS = "runs"
 STAGING = "_staging"
 CLAIMS = "_claims"
 INDEX = "index.parquet"
+QA_TABLE = "qa.parquet"
+SALIENCY = "saliency"
+SALIENCY_MODELS = "models/saliency"
 
 _SOFTWARE = ("fmri-data", "numpy", "scipy", "nibabel", "nilearn", "zarr", "dask", "numba", "bids2table")
 
@@ -95,5 +122,6 @@ def roi_key(atlas_name: str) -> str:
 
 
 def is_local(fs: fsspec.AbstractFileSystem) -> bool:
+    """Whether ``fs`` is the local disk (where a rename is atomic)."""
     return "file" in (fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,))
 

@@ -10,8 +10,8 @@ import os
 import socket
 import time
 import warnings
-from collections.abc import Iterable
-from typing import Any
+from collections.abc import Callable, Iterable, Mapping
+from typing import IO, Any
 
 import fsspec
 import zarr
@@ -19,6 +19,7 @@ import zarr
 from ..errors import StoreError
 from ..config.schema import SCHEMA_VERSION, to_json, validate
 
+from . import replace
 from .layout import CLAIMS, INDEX, RUNS, STAGING, is_local, now, software_versions
 from .writer import RunWriter
 
@@ -184,6 +185,69 @@ class Store:
         validate(attrs, "run", f"{self.url}/{RUNS}/{run_id}")
         return attrs
 
+    # ------------------------------------------------------------------ changes after a commit
+    def write_file(self, rel: str, write: Callable[[IO[bytes]], None]) -> None:
+        """Write the file ``rel`` (below the store root) atomically: ``write(fh)`` fills a binary
+        file object; a temporary file renamed into place on a local disk, one PUT elsewhere.
+
+        Raises:
+            Whatever ``write`` raises (``rel`` is then untouched), ``OSError``.
+        """
+        replace.write_file(self, rel, write)
+
+    def write_bytes(self, rel: str, data: bytes) -> None:
+        """Write ``data`` to the file ``rel`` (below the store root) atomically (:meth:`write_file`)."""
+        replace.write_bytes(self, rel, data)
+
+    def write_root_attrs(self, attrs: dict[str, Any]) -> None:
+        """Replace the root attributes in one step (``zarr.json`` written atomically).
+
+        Raises:
+            StoreError: ``attrs`` break store.schema.json (nothing is written).
+        """
+        attrs = to_json(attrs)
+        validate(attrs, "store", self.url)
+        replace.write_group_attrs(self, "", attrs)
+        self._root = None
+
+    def write_run_attrs(self, run_id: str, attrs: dict[str, Any]) -> None:
+        """Replace the attributes of the committed run ``run_id`` in one step: its ``zarr.json``
+        is written to a temporary file renamed into place on a local disk, with one PUT on
+        object storage (a reader sees the old or the new attributes, never a mix). Arrays are
+        not touched.
+
+        Raises:
+            StoreError: no complete run ``run_id``, or ``attrs`` break run.schema.json
+                (nothing is written).
+        """
+        if not self.is_complete(run_id):
+            raise StoreError(f"{self.url}: no complete run '{run_id}'")
+        attrs = to_json(attrs)
+        validate(attrs, "run", f"{self.url}/{RUNS}/{run_id}")
+        replace.write_group_attrs(self, f"{RUNS}/{run_id}", attrs)
+
+    def replace_in_run(
+        self,
+        run_id: str,
+        writes: Mapping[str, Callable[[zarr.Group], None]],
+        remove: Iterable[str] = (),
+        group_attrs: Mapping[str, dict[str, Any]] | None = None,
+    ) -> None:
+        """Add or replace groups inside the committed run ``run_id`` atomically.
+
+        Each ``writes[name](group)`` fills a staging group, which replaces
+        ``runs/<run_id>/<name>`` only once every write succeeded; ``remove`` lists paths
+        inside the run to delete; ``group_attrs`` ``{name: attributes}`` creates or
+        re-attributes groups inside the run (:func:`fmri_data.store.replace.replace_in_run`).
+
+        Raises:
+            StoreError: no complete run ``run_id``.
+            Whatever a write raises: the run is then left as it was.
+        """
+        if not self.is_complete(run_id):
+            raise StoreError(f"{self.url}: no complete run '{run_id}'")
+        replace.replace_in_run(self, run_id, writes, remove, group_attrs)
+
     def remove_run(self, run_id: str) -> None:
         path = f"{self.path}/{RUNS}/{run_id}"
         if self.fs.exists(path):
@@ -261,12 +325,15 @@ class Store:
 
     # ------------------------------------------------------------------ index
     def write_index(self, rows: Iterable[dict[str, Any]]) -> None:
-        """Write ``index.parquet``: one row per run (complete, failed or skipped)."""
+        """Write ``index.parquet``: one row per run (complete, failed or skipped).
+
+        Atomic (:meth:`write_file`): a write cut short leaves the previous index, never a
+        truncated file.
+        """
         import pandas as pd
 
         table = pd.DataFrame([{k: _cell(v) for k, v in row.items()} for row in rows])
-        with self.fs.open(f"{self.path}/{INDEX}", "wb") as fh:
-            table.to_parquet(fh, index=False)
+        self.write_file(INDEX, lambda fh: table.to_parquet(fh, index=False))
 
     def read_index(self):
         """``index.parquet`` as a pandas DataFrame (empty when no conversion finished yet)."""

@@ -9,10 +9,10 @@ import numpy as np
 import hashlib
 
 from ..errors import StoreError
-from ..saliency import check_run_saliency
 from ..config.schema import validate
 from .layout import RUNS
 from .root import Store
+from .saliency_group import check_run_saliency
 
 
 def _check_series(problems: list[str], where: str, array: Any, n_frames: int, frame_shape: tuple, chunk_frames: int) -> None:

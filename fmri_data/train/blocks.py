@@ -12,6 +12,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..errors import SettingError
+
 
 class Attention(nn.Module):
     """Multi-head self-attention over ``(B, N, C)`` tokens.
@@ -22,7 +24,7 @@ class Attention(nn.Module):
     def __init__(self, dim: int, heads: int, dim_out: int | None = None):
         super().__init__()
         if dim % heads:
-            raise ValueError(f"dim {dim} is not divisible by heads {heads}")
+            raise SettingError(f"dim {dim} is not divisible by heads {heads}")
         self.heads = heads
         self.qkv = nn.Linear(dim, 3 * dim)
         self.proj = nn.Linear(dim, dim_out or dim)

@@ -8,6 +8,9 @@ MAE). Where a paper's exact width differs, override it: every field can be chang
 
 ``tiny`` configs shrink widths and inputs (volumes average-pooled by ``downsample``, fewer
 frames) so a few dozen steps run on a CPU in seconds; they are for testing, not science.
+
+Which dataclass belongs to which family, and the ``tiny`` overrides, are registered in
+:mod:`.registry` (with :func:`~.registry.get_config` and :func:`~.registry.from_dict`).
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..config.overrides import split_pair, yaml_value
+from ..errors import SettingError
 
 
 @dataclass
@@ -133,58 +137,24 @@ class Config:
         return {"family": self.family, "model": dataclasses.asdict(self.model), "train": dataclasses.asdict(self.train)}
 
 
-MODEL_CONFIGS = {"neurostorm": NeuroStormConfig, "slim_brain": SlimBrainConfig, "flat_mae": FlatMaeConfig, "fmri_lm": FmriLmConfig}
-
-_TINY: dict[str, dict[str, Any]] = {
-    "neurostorm": dict(downsample=4, frames=4, embed_dim=12, depths=(2, 2), window=(2, 2, 2, 2), d_state=4),
-    "slim_brain": dict(downsample=6, frames=8, mask_unit=(2, 2, 2, 2), dims=(16, 32), depths=(1, 1), heads=(1, 2),
-                       local_stages=1, predictor_dim=32, predictor_depth=1, predictor_heads=2, ema=(0.9, 1.0),
-                       saliency_scorer=None),
-    "flat_mae": dict(shape=(64, 160), t_patch=4, embed_dim=32, depth=2, heads=2, decoder_dim=32, decoder_depth=1,
-                     decoder_heads=2),
-    "fmri_lm": dict(frames=32, dim=32, depth=1, heads=2, codebook_size=64, code_dim=16, lm_layers=2, lm_dim=32,
-                    lora_r=4, lora_alpha=8, max_text_tokens=160),
-}
-_TINY_TRAIN = dict(steps=30, batch_size=2, lr=2e-3, weight_decay=0.0, warmup_steps=0, checkpoint_every=10)
-
-
-def get_config(family: str, name: str = "tiny", overrides: list[str] | None = None) -> Config:
-    """The ``tiny`` or ``base`` config of a family, with ``section.key=value`` overrides.
-
-    Raises:
-        ValueError: unknown family, config name, or override key.
-    """
-    if family not in MODEL_CONFIGS:
-        raise ValueError(f"unknown family '{family}'; one of {sorted(MODEL_CONFIGS)}")
-    if name not in ("tiny", "base"):
-        raise ValueError(f"unknown config '{name}'; tiny or base")
-    model = MODEL_CONFIGS[family](**(_TINY[family] if name == "tiny" else {}))
-    train = TrainSettings(**(_TINY_TRAIN if name == "tiny" else {}))
-    cfg = Config(family, model, train)
-    for item in overrides or []:
-        apply_override(cfg, item)
-    return cfg
+TINY_TRAIN: dict[str, Any] = dict(steps=30, batch_size=2, lr=2e-3, weight_decay=0.0, warmup_steps=0, checkpoint_every=10)
+"""Training settings of every ``tiny`` config (the model overrides are in :mod:`.registry`)."""
 
 
 def apply_override(cfg: Config, item: str) -> None:
-    """Set ``model.<field>=<yaml>`` or ``train.<field>=<yaml>`` (a bare field is looked up in both)."""
+    """Set ``model.<field>=<yaml>`` or ``train.<field>=<yaml>`` (a bare field is looked up in both).
+
+    Raises:
+        SettingError: no such field in the config.
+    """
     key, raw = split_pair(item, "override")
     section, _, name = key.strip().rpartition(".")
     targets = [getattr(cfg, section)] if section in ("model", "train") else [cfg.model, cfg.train] if not section else []
     target = next((t for t in targets if name in {f.name for f in dataclasses.fields(t)}), None)
     if target is None:
-        raise ValueError(f"override '{item}': no field '{key}' in the {cfg.family} config")
+        raise SettingError(f"override '{item}': no field '{key}' in the {cfg.family} config")
     value = yaml_value(raw)
     current = getattr(target, name)
     if isinstance(current, tuple) and isinstance(value, list):
         value = tuple(value)
     setattr(target, name, value)
-
-
-def from_dict(data: dict[str, Any]) -> Config:
-    """Inverse of :meth:`Config.to_dict` (lists back to tuples where the field is a tuple)."""
-    family = data["family"]
-    defaults = MODEL_CONFIGS[family]()
-    model = {k: tuple(v) if isinstance(getattr(defaults, k, None), tuple) and isinstance(v, list) else v
-             for k, v in data["model"].items()}
-    return Config(family, MODEL_CONFIGS[family](**model), TrainSettings(**data["train"]))

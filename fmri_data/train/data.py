@@ -1,7 +1,7 @@
 """The one adapter between the loader (:mod:`fmri_data.load`) and the trainer.
 
 :class:`StoreBatches` turns a store into an endless, resumable stream of batches in each
-family's layout, on the training device:
+family's layout (its :class:`~fmri_data.train.registry.Family` entry), on the training device:
 
 =============  ==============================  ==========================================
 family         store array, windows            ``batch["data"]``
@@ -29,38 +29,37 @@ import torch
 import torch.nn.functional as F
 
 from ..load import WindowDataset, WindowLoader, WindowMapDataset, build_index
+from ..errors import SettingError
 from .configs import Config
 from .descriptors import describe
-
-ARRAYS = {"neurostorm": ("bold", "neurostorm", None), "slim_brain": ("bold", "neurostorm", None),
-          "flat_mae": ("flat", "flat", "flat_mask"), "fmri_lm": (None, "roi", None)}
-
+from .registry import get_family
 
 def family_index(url: str, cfg: Config, *, source: str | None = None, split: str | None = None,
                  split_by: str = "subject", **kwargs: Any):
     """The :func:`~fmri_data.load.build_index` windows a family trains on (``kwargs`` pass through).
 
     Raises:
-        ValueError: the store has no window of the family's array and length.
+        SettingError: an unknown family; the store has no window of the family's array and length.
     """
-    array = ARRAYS[cfg.family][0] or cfg.model.roi_array
+    spec = get_family(cfg.family)
+    array = spec.store_array(cfg.model)
     if source is None:
         scorer = getattr(cfg.model, "saliency_scorer", None)
         source, kwargs = ("saliency", {**kwargs, "scorer": scorer}) if scorer else ("sliding", kwargs)
-    index = build_index(url, cfg.model.frames, array=array, source=source, **kwargs)
+    frames = spec.window_frames(cfg.model)
+    index = build_index(url, frames, array=array, source=source, **kwargs)
     if split is not None:
         index = index.split(split, by=split_by, seed=cfg.train.seed)
     if not len(index):
-        hint = " (flat maps come from the flat_mae recipe)" if array == "flat" else ""
-        raise ValueError(f"{url}: no windows of {cfg.model.frames} frames of '{array}' ({source}){hint}: "
+        raise SettingError(f"{url}: no windows of {frames} frames of '{array}' ({source}){spec.missing_hint}: "
                          f"{index.dropped or 'no runs'}")
     return index
 
 
 def prepare(batch: dict[str, Any], cfg: Config, device: torch.device, dataset) -> dict[str, Any]:
     """A loader batch -> model inputs on ``device`` (normalisation, pooling; see module doc)."""
-    fam, clamp = cfg.family, cfg.train.clamp
-    if fam == "fmri_lm":
+    clamp = cfg.train.clamp
+    if not get_family(cfg.family).frame_zscore:
         out = dataset.to_device(batch, device)
         x = out["data"]
         if cfg.model.zscore_window:
@@ -90,12 +89,12 @@ class StoreBatches:
                  num_workers: int = 0, **index_kwargs: Any):
         self.cfg, self.device = cfg, torch.device(device)
         self.index = family_index(url, cfg, split=split, **index_kwargs)
-        _, layout, mask = ARRAYS[cfg.family]
-        self.dataset = WindowDataset(self.index, batch_size=cfg.train.batch_size, seed=cfg.train.seed, layout=layout,
-                                     mask=mask, pin_memory=self.device.type == "cuda")
+        spec = get_family(cfg.family)
+        self.dataset = WindowDataset(self.index, batch_size=cfg.train.batch_size, seed=cfg.train.seed,
+                                     layout=spec.layout, mask=spec.mask, pin_memory=self.device.type == "cuda")
         self.loader = WindowLoader(self.dataset, num_workers=num_workers, persistent_workers=num_workers > 0)
         self._it = None
-        self._text = cfg.family == "fmri_lm" and cfg.model.stage == 2
+        self._text = spec.text(cfg.model)
         self._labels: dict[str, list[str]] = {}
         self._descriptions: dict[tuple[str, int], str] = {}
 
@@ -178,5 +177,5 @@ class TensorBatches:
 
 def eval_dataset(index, cfg: Config) -> WindowMapDataset:
     """Map-style dataset of ``index`` in the family's layout (for probes)."""
-    _, layout, mask = ARRAYS[cfg.family]
-    return WindowMapDataset(index, layout=layout, mask=mask)
+    spec = get_family(cfg.family)
+    return WindowMapDataset(index, layout=spec.layout, mask=spec.mask)

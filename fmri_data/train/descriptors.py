@@ -21,6 +21,7 @@ from scipy.sparse import csr_matrix
 from scipy.sparse.csgraph import shortest_path
 
 from ..derive.scorers import correlation
+from ..errors import SettingError
 
 # Schaefer network name prefixes (7- and 17-network parcellations), longest first.
 NETWORKS = (
@@ -71,10 +72,10 @@ def describe(window: np.ndarray, labels: list[str], density: float = 0.1) -> str
     """Short sentences describing a window ``(R, L)`` whose parcels are named by ``labels``.
 
     Raises:
-        ValueError: ``labels`` does not have one name per parcel.
+        SettingError: ``labels`` does not have one name per parcel.
     """
     if len(labels) != window.shape[0]:
-        raise ValueError(f"{len(labels)} parcel labels for a window of {window.shape[0]} parcels")
+        raise SettingError(f"{len(labels)} parcel labels for a window of {window.shape[0]} parcels")
     fc = connectivity(window)
     nets = np.array([network_of(l) for l in labels])
     names = sorted(set(nets))

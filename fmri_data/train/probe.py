@@ -27,9 +27,11 @@ import numpy as np
 import torch
 from torch import nn
 
+from ..errors import SettingError
 from ..load import collate_windows
 from .configs import Config
 from .data import eval_dataset, family_index, prepare
+from .registry import get_family
 
 
 @dataclass
@@ -106,10 +108,10 @@ def with_prompts(model: nn.Module, cfg: Config, n_prompts: int = 4) -> tuple[nn.
     same weights in a model built with ``n_prompts`` prompts per block (initialised to 0).
 
     Raises:
-        ValueError: not a NeuroSTORM model.
+        SettingError: not a NeuroSTORM model.
     """
-    if cfg.family != "neurostorm":
-        raise ValueError(f"prompt tuning is NeuroSTORM's; this is a {cfg.family} model")
+    if not get_family(cfg.family).prompt_tuning:
+        raise SettingError(f"prompt tuning is NeuroSTORM's; this is a {cfg.family} model")
     if cfg.model.n_prompts:
         return model, cfg
     from .trainer import build_model
@@ -118,7 +120,7 @@ def with_prompts(model: nn.Module, cfg: Config, n_prompts: int = 4) -> tuple[nn.
     prompted = build_model(prompted_cfg)  # prompts are created as zeros; every other weight is loaded
     missing, unexpected = prompted.load_state_dict(model.state_dict(), strict=False)
     if unexpected or any(not k.endswith("prompts") for k in missing):
-        raise ValueError(f"cannot add prompts: missing {missing}, unexpected {unexpected}")
+        raise SettingError(f"cannot add prompts: missing {missing}, unexpected {unexpected}")
     return prompted.to(next(model.parameters()).device), prompted_cfg
 
 
@@ -191,11 +193,11 @@ def run_probe(model: nn.Module, cfg: Config, url: str, *, label: str, test: dict
         where: restrict the index (``{"task": "objectviewing"}``).
 
     Raises:
-        ValueError: no windows, an unknown ``kind``, prompt tuning of another family than
+        SettingError: no windows, an unknown ``kind``, prompt tuning of another family than
             NeuroSTORM, or a split without both train and test windows.
     """
     if kind not in ("linear", "attentive", "prompt") or pool not in ("mean", "flatten"):
-        raise ValueError(f"probe kind must be linear, attentive or prompt and pool mean or flatten, not '{kind}', '{pool}'")
+        raise SettingError(f"probe kind must be linear, attentive or prompt and pool mean or flatten, not '{kind}', '{pool}'")
     device = torch.device(device)
     if kind == "prompt":
         model, cfg = with_prompts(model.to(device), cfg)
@@ -207,7 +209,7 @@ def run_probe(model: nn.Module, cfg: Config, url: str, *, label: str, test: dict
     has = np.array([v is not None for v in y_all])
     tr, te = has & ~held, has & held
     if not tr.any() or not te.any():
-        raise ValueError(f"probe split has {int(tr.sum())} training and {int(te.sum())} test windows labelled '{label}'")
+        raise SettingError(f"probe split has {int(tr.sum())} training and {int(te.sum())} test windows labelled '{label}'")
     classes = sorted({y_all[i] for i in np.flatnonzero(tr)}, key=str)
     code = {c: k for k, c in enumerate(classes)}
     te = te & np.array([v in code for v in y_all])

@@ -27,36 +27,23 @@ import torch
 from safetensors.torch import load_file, safe_open, save_file
 from torch import nn
 
-from .configs import Config, from_dict
+from ..errors import SettingError
+from .configs import Config
+from .registry import from_dict, get_family
 
 CHECKPOINTS = "checkpoints"
 
 
 def build_model(cfg: Config) -> nn.Module:
-    """The family's model for ``cfg`` (weights initialised from ``cfg.train.seed``).
+    """The family's model for ``cfg`` (weights initialised from ``cfg.train.seed``; the builder
+    is the family's :class:`~fmri_data.train.registry.Family` ``build``).
 
     Raises:
-        ValueError: fMRI-LM stage 2 without ``model.tokenizer_checkpoint``.
+        SettingError: an unknown family; fMRI-LM stage 2 without ``model.tokenizer_checkpoint``.
     """
+    spec = get_family(cfg.family)
     torch.manual_seed(cfg.train.seed)
-    m = cfg.model
-    if cfg.family == "neurostorm":
-        from .models.neurostorm import NeuroStorm
-        return NeuroStorm(m)
-    if cfg.family == "slim_brain":
-        from .models.slim_brain import SlimBrain
-        return SlimBrain(m)
-    if cfg.family == "flat_mae":
-        from .models.flat_mae import FlatMae
-        return FlatMae(m)
-    from .models.fmri_lm import FmriLanguageModel, VqTokenizer
-    if m.stage == 1:
-        return VqTokenizer(m)
-    if not m.tokenizer_checkpoint:
-        raise ValueError("fMRI-LM stage 2 needs model.tokenizer_checkpoint (a stage-1 checkpoint)")
-    vq = VqTokenizer(m)
-    vq.load_state_dict(read_checkpoint(m.tokenizer_checkpoint)[0])
-    return FmriLanguageModel(m, vq)
+    return spec.build(cfg.model)
 
 
 def resolve_device(device: str = "auto") -> torch.device:
@@ -64,7 +51,7 @@ def resolve_device(device: str = "auto") -> torch.device:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dev = torch.device(device)
     if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError("device 'cuda' asked for but CUDA is not available")
+        raise SettingError("device 'cuda' asked for but CUDA is not available")
     return dev
 
 
@@ -102,7 +89,7 @@ def read_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str
     """(model state dict, meta, optimiser state dict or None) of a checkpoint file.
 
     Raises:
-        FileNotFoundError: no such file; ValueError: not an fmri-data checkpoint.
+        FileNotFoundError: no such file; SettingError: not an fmri-data checkpoint.
     """
     path = Path(path)
     if not path.is_file():
@@ -110,7 +97,7 @@ def read_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str
     with safe_open(str(path), "pt") as f:
         metadata = f.metadata() or {}
     if "meta" not in metadata:
-        raise ValueError(f"{path}: not an fmri-data checkpoint (no 'meta' metadata)")
+        raise SettingError(f"{path}: not an fmri-data checkpoint (no 'meta' metadata)")
     tensors = load_file(str(path))
     model = {k[6:]: v for k, v in tensors.items() if k.startswith("model.")}
     groups = json.loads(metadata["param_groups"])
@@ -162,12 +149,12 @@ class Trainer:
         self.log = log or (lambda line: None)
         self.params = params = [p for p in self.model.parameters() if p.requires_grad]
         if not params:
-            raise ValueError("the model has no trainable parameters")
+            raise SettingError("the model has no trainable parameters")
         self.optimizer = torch.optim.AdamW(params, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay,
                                            betas=(0.9, 0.95))
         amp = cfg.train.amp if self.device.type == "cuda" else "none"
         if amp not in ("bf16", "fp16", "none"):
-            raise ValueError(f"train.amp must be bf16, fp16 or none, not '{amp}'")
+            raise SettingError(f"train.amp must be bf16, fp16 or none, not '{amp}'")
         self.amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(amp)
         self.scaler = torch.amp.GradScaler("cuda") if amp == "fp16" else None
         self.step = 0

@@ -42,3 +42,10 @@ def test_errors_are_one_line_and_exit_nonzero(tmp_path, atlas_dir):
 def test_entry_point_runs():
     done = subprocess.run([sys.executable, "-m", "fmri_data", "recipes"], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0 and "neurostorm" in done.stdout
+
+
+def test_version():
+    from fmri_data import __version__
+
+    result = CliRunner().invoke(app, ["--version"])
+    assert result.exit_code == 0 and result.stdout.strip() == f"fmri-data {__version__}"

@@ -60,3 +60,17 @@ def test_recipe_file_with_extends(tmp_path):
     path.write_text("name: mine\nextends: neurostorm\ntemporal: {tr: 1.0}\n")
     recipe = load_recipe(path)
     assert recipe["temporal"]["tr"] == 1.0 and recipe["volume"]["shape"] == [96, 96, 96]
+
+
+def test_recipe_names_are_not_shadowed_by_folders_or_files(tmp_path, monkeypatch):
+    """A folder (or extensionless file) named like a bundled recipe in the working directory
+    does not replace the bundled recipe; a path must look like a path."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "brainlm").mkdir()
+    (tmp_path / "fmri_lm").write_text("name: mine\n")
+    assert load_recipe("brainlm")["name"] == "brainlm"
+    assert load_recipe("fmri_lm")["name"] == "fmri_lm"
+    (tmp_path / "mine").write_text("name: mine\nextends: default\n")
+    with pytest.raises(RecipeError, match=r"write \./mine"):
+        load_recipe("mine")
+    assert load_recipe("./mine")["name"] == "mine"

@@ -142,3 +142,20 @@ def test_tables():
         DS_REAL / "derivatives/preproc/sub-haxby1/func/sub-haxby1_task-objectviewing_run-01_desc-confounds_timeseries.tsv"
     )
     assert columns == ["rot_x", "rot_y", "rot_z", "trans_x", "trans_y", "trans_z"] and values.shape == (121, 6)
+
+
+def test_events_onsets_must_be_numbers(tmp_path):
+    """Synthetic events tables (a known bad cell): a non-numeric onset fails at read time
+    naming the file, column and row, instead of later in the loader naming no run."""
+    good = tmp_path / "good_events.tsv"
+    good.write_text("onset\tduration\ttrial_type\n0\tn/a\tface\n2.5\t1\thouse\n")
+    assert read_events(good) == [{"onset": 0.0, "duration": None, "trial_type": "face"},
+                                 {"onset": 2.5, "duration": 1.0, "trial_type": "house"}]
+    bad = tmp_path / "bad_events.tsv"
+    bad.write_text("onset\tduration\ttrial_type\n0\t1\tface\nten\t1\thouse\n")
+    with pytest.raises(InputError, match=r"bad_events\.tsv: events column 'onset' is not a number .* row 3: 'ten'"):
+        read_events(bad)
+    missing = tmp_path / "missing_events.tsv"
+    missing.write_text("onset\tduration\nn/a\t1\n")
+    with pytest.raises(InputError, match="onset"):
+        read_events(missing)

@@ -16,7 +16,8 @@ none remains. With ``normalization = none`` volume runs go through the one compo
 
 from __future__ import annotations
 
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, Mapping
 
 import numpy as np
 import scipy.sparse as sp
@@ -33,21 +34,21 @@ from ...read.nifti import open_volume, read_image_3d
 from ...read.common import resolve_tr
 from ...resample.operator import PreparedOperator
 from ...resample.temporal import resample_tr
-from ...store.writer import RunWriter
 from ...reference.surfaces import SurfaceFamily, cortex_from_dlabel, load_family
-from ..context import OPERATORS, RunContext, cached_atlas, check_finite, frames_per_block, resample_device
+from ..context import OPERATORS, RunInputs, cached_atlas, check_finite, frames_per_block, resample_device
+from .base import OutputKind, Produced, Timing
 
 #: Template spaces of surface data -> flat-map family.
 SPACE_FAMILY = {"fsaverage5": "fsaverage5", "fsLR": "fsLR"}
 _NO_SIGNAL = 1e-6
 
 
-def _cortex(family: SurfaceFamily, cfg: dict[str, Any], ctx: RunContext) -> tuple[dict, str]:
+def _cortex(family: SurfaceFamily, cfg: dict[str, Any], run: RunInputs) -> tuple[dict, str]:
     """Cortex masks per recipe ``flat.medial_wall`` and the mode actually used."""
     mode = cfg["medial_wall"]
     if mode in ("atlas", "auto") and family.name == "fsLR":
         try:
-            atlas = cached_atlas(cfg["cortex_atlas"], ctx.atlas_dir)
+            atlas = cached_atlas(cfg["cortex_atlas"], run.atlas_dir)
             dlabel = next(c.surface for c in atlas.components if c.surface)
         except (InputError, StopIteration) as exc:
             if mode == "atlas":
@@ -59,38 +60,38 @@ def _cortex(family: SurfaceFamily, cfg: dict[str, Any], ctx: RunContext) -> tupl
     return {"L": None, "R": None}, "flat"
 
 
-def _surface_operator(family: SurfaceFamily, cfg: dict[str, Any], ctx: RunContext) -> tuple[FlatOperator, str]:
-    key = ("flat", family.name, ctx.atlas_dir, cfg["medial_wall"], cfg["cortex_atlas"]) + tuple(str(cfg[k]) for k in GRID_KEYS)
+def _surface_operator(family: SurfaceFamily, cfg: dict[str, Any], run: RunInputs) -> tuple[FlatOperator, str]:
+    key = ("flat", family.name, run.atlas_dir, cfg["medial_wall"], cfg["cortex_atlas"]) + tuple(str(cfg[k]) for k in GRID_KEYS)
 
     def build():
-        cortex, mode = _cortex(family, cfg, ctx)
+        cortex, mode = _cortex(family, cfg, run)
         return surface_flat_operator(family.flat, cortex, cfg), mode
 
     return OPERATORS.get(key, build)
 
 
-def _vertex_series_gifti(ctx: RunContext, family: SurfaceFamily) -> tuple[np.ndarray, np.ndarray, float, list[str]]:
-    spec = ctx.spec
+def _vertex_series_gifti(run: RunInputs, family: SurfaceFamily) -> tuple[np.ndarray, np.ndarray, float, list[str]]:
+    spec = run.spec
     series = {h: open_gifti_series(spec.surface[h].path) for h in ("L", "R")}
     for h in ("L", "R"):
         if series[h].n_vertices != family.n_vertices[h]:
             raise InputError(series[h].path, f"{series[h].n_vertices} vertices; {family.name} hemi-{h} has {family.n_vertices[h]}")
-        ctx.add_source(spec.surface[h].path, "gifti", spec.surface[h].space, spec.surface[h].derivative)
+        run.add_source(spec.surface[h].path, "gifti", spec.surface[h].space, spec.surface[h].derivative)
     if series["L"].n_frames != series["R"].n_frames:
         raise InputError(series["R"].path, f"{series['R'].n_frames} frames; hemi-L has {series['L'].n_frames}")
     left = spec.surface["L"]
     tr_in, warnings = resolve_tr(left.path, left.metadata, None)
     data = np.vstack([series["L"].read(), series["R"].read()])
-    data = check_finite(data, left.path, 0, ctx.recipe["inputs"]["nan_policy"])
+    data = check_finite(data, left.path, 0, run.recipe["inputs"]["nan_policy"])
     return data, np.ones(len(data), dtype=bool), tr_in, warnings
 
 
-def _vertex_series_cifti(ctx: RunContext, family: SurfaceFamily) -> tuple[np.ndarray, np.ndarray, float, list[str]]:
-    src = ctx.spec.cifti_dense
+def _vertex_series_cifti(run: RunInputs, family: SurfaceFamily) -> tuple[np.ndarray, np.ndarray, float, list[str]]:
+    src = run.spec.cifti_dense
     cifti = open_cifti(src.path)
     tr_in, warnings = resolve_tr(cifti.path, src.metadata, cifti.tr_s, "sec")
-    ctx.add_source(src.path, src.kind, src.space, src.derivative)
-    data = check_finite(cifti.read(), cifti.path, 0, ctx.recipe["inputs"]["nan_policy"])  # (T, G)
+    run.add_source(src.path, src.kind, src.space, src.derivative)
+    data = check_finite(cifti.read(), cifti.path, 0, run.recipe["inputs"]["nan_policy"])  # (T, G)
     n = family.n_vertices
     out = np.zeros((n["L"] + n["R"], cifti.n_frames), dtype=np.float32)
     covered = np.zeros(len(out), dtype=bool)
@@ -110,7 +111,7 @@ def _vertex_series_cifti(ctx: RunContext, family: SurfaceFamily) -> tuple[np.nda
     return out, covered, tr_in, warnings
 
 
-def _projection(ctx: RunContext, family: SurfaceFamily, vol, cfg: dict[str, Any]):
+def _projection(run: RunInputs, family: SurfaceFamily, vol, cfg: dict[str, Any]):
     """``(V, voxels)`` projection of the run's volume onto the family's surfaces, and its description."""
     proj = cfg["projection"]
     surfaces = proj["surfaces"]
@@ -121,11 +122,11 @@ def _projection(ctx: RunContext, family: SurfaceFamily, vol, cfg: dict[str, Any]
     if surfaces == "midthickness" and family.midthickness is None:
         raise InputError(family.name, "flat.projection.surfaces=midthickness but the family has no midthickness surface")
     mask = None
-    if ctx.spec.mask:
-        data, affine = read_image_3d(ctx.spec.mask)
+    if run.spec.mask:
+        data, affine = read_image_3d(run.spec.mask)
         if data.shape == tuple(vol.shape[:3]) and np.allclose(affine, vol.affine, atol=1e-3):
             mask = data > 0.5
-            ctx.add_source(ctx.spec.mask, "mask", ctx.spec.volume.space, True)
+            run.add_source(run.spec.mask, "mask", run.spec.volume.space, True)
     blocks = []
     for hemi in ("L", "R"):
         if surfaces == "white_pial":
@@ -142,93 +143,135 @@ def _projection(ctx: RunContext, family: SurfaceFamily, vol, cfg: dict[str, Any]
     return sp.vstack(blocks).tocsr(), info, arrays
 
 
-def flat_outputs(ctx: RunContext, writer: RunWriter, known: dict[str, Any]) -> dict[str, Any]:
-    """Write ``flat`` and ``flat_mask`` when the recipe has a ``flat`` section. Returns run attributes.
+@dataclass(frozen=True)
+class FlatSource:
+    """A run's flat-map source series, read and mapped to the operator's first stage.
 
-    Args:
-        known: run attributes written so far (``n_frames`` must agree with them).
+    Attributes:
+        path: the source file (named in errors); kind: ``gifti``, ``cifti_dense`` or ``volume``.
+        family: the surface family; op: the flat operator; medial_wall: the mode used.
+        data: ``(n, T_in)`` float32 vertex series, or pixel series when ``pixel_space``.
+        covered: ``(n,)`` bool, rows that carry source data.
+        pixel_space: rows are pixels of the composed volume operator (not vertices).
+        tr_in: source TR (s); tr_warnings: warnings of the TR lookup.
+        projection_info: volume -> surface projection (run attribute ``flat.projection``), or None.
+    """
+
+    path: str
+    kind: str
+    family: SurfaceFamily
+    op: FlatOperator
+    medial_wall: str
+    data: np.ndarray
+    covered: np.ndarray
+    pixel_space: bool
+    tr_in: float
+    tr_warnings: list[str]
+    projection_info: dict[str, Any] | None = None
+
+
+def _read_surface_source(run: RunInputs, cfg: dict[str, Any]) -> FlatSource:
+    """GIFTI pair or dense CIFTI -> ``(V, T_in)`` vertex series of the space's family.
 
     Raises:
-        InputError: no surfaces for the run's space, vertex counts that do not match the
-            family, a volume that covers no cortex, or no signal.
+        InputError: no flat-map surfaces for the source space, or vertex counts that do not match.
     """
-    cfg = ctx.recipe.get("flat")
-    spec, recipe = ctx.spec, ctx.recipe
-    if not cfg or not (spec.surface or spec.cifti_dense or spec.volume):
-        return {}
-    temporal = recipe["temporal"]
-    device = resample_device(recipe)  # every product runs in the shared kernel (numba on CPU, torch on CUDA)
-    attrs: dict[str, Any] = {}
-    projection_info = None
-    if spec.surface or spec.cifti_dense:
-        src = spec.surface["L"] if spec.surface else spec.cifti_dense
-        family_name = SPACE_FAMILY.get(src.space)
-        if family_name is None:
-            raise InputError(src.path, f"no flat-map surfaces for space '{src.space}' (known: {', '.join(SPACE_FAMILY)})")
-        family = load_family(family_name, ctx.atlas_dir)
-        reader = _vertex_series_gifti if spec.surface else _vertex_series_cifti
-        data, covered, tr_in, tr_warnings = reader(ctx, family)
-        op, medial_wall = _surface_operator(family, cfg, ctx)
-        kind = "gifti" if spec.surface else "cifti_dense"
-        pixel_space = False
-    else:
-        src = spec.volume
-        family = load_family(cfg["family"], ctx.atlas_dir)
-        vol = open_volume(src.path)
-        tr_in, tr_warnings = resolve_tr(vol.path, spec.metadata, vol.header_tr_s, vol.header_time_unit)
-        ctx.add_source(src.path, "volume", src.space, src.derivative)
-        surface_op, medial_wall = _surface_operator(family, cfg, ctx)
-        key = ("flat-volume", surface_op.meta["key"], vol.path, tuple(vol.shape[:3]), str(cfg["projection"]))
-        projection, projection_info, arrays = OPERATORS.get(key, lambda: _projection(ctx, family, vol, cfg))
-        op = OPERATORS.get(key + ("op",), lambda: volume_flat_operator(surface_op, projection, {**cfg["projection"],
-                           "info": projection_info}, arrays + [projection.indptr, projection.indices]))
-        if not op.mask.any():
-            raise InputError(vol.path, f"the volume covers none of the {family.name} cortex (world coordinates)")
-        step = frames_per_block(vol.n_frames, np.prod(vol.shape[:3]))
-        # Without a per-vertex z-score the composed (pixels, voxels) matrix gives pixel series at once.
-        pixel_space = cfg["normalization"] != "vertex_zscore"
-        stage = op.matrix if pixel_space else op.vertex_stage
-        apply_stage = PreparedOperator(stage, device=device)
-        data = np.empty((stage.shape[0], vol.n_frames), dtype=np.float32)
-        for start, stop, block in vol.iter_frames(step):
-            block = check_finite(block, vol.path, start, recipe["inputs"]["nan_policy"]).reshape(-1, stop - start)
-            apply_stage(block, out=data[:, start:stop])
-        covered = np.ones(len(data), bool) if pixel_space else np.asarray(op.vertex_stage.getnnz(axis=1) > 0)
-        kind = "volume"
-        space = src.space
-        note = "native-space volume" if space == NATIVE else f"{space} volume"
-        ctx.warnings.append(
-            f"flat: {note} projected onto {family.name} surfaces by world coordinates "
-            f"({'no registration; ' if space == NATIVE else ''}template surfaces approximate MNI space)"
-        )
-    ctx.warnings += [w for w in tr_warnings if w not in ctx.warnings]
-    tr_out = temporal["tr"] or tr_in
+    spec = run.spec
+    src = spec.surface["L"] if spec.surface else spec.cifti_dense
+    family_name = SPACE_FAMILY.get(src.space)
+    if family_name is None:
+        raise InputError(src.path, f"no flat-map surfaces for space '{src.space}' (known: {', '.join(SPACE_FAMILY)})")
+    family = load_family(family_name, run.atlas_dir)
+    reader = _vertex_series_gifti if spec.surface else _vertex_series_cifti
+    data, covered, tr_in, tr_warnings = reader(run, family)
+    op, medial_wall = _surface_operator(family, cfg, run)
+    kind = "gifti" if spec.surface else "cifti_dense"
+    return FlatSource(src.path, kind, family, op, medial_wall, data, covered, False, tr_in, tr_warnings)
 
-    # Vertex (or, for a composed volume operator, pixel) series: signal check, z-score, TR.
+
+def _read_volume_source(run: RunInputs, cfg: dict[str, Any], device: str) -> FlatSource:
+    """Volume -> ``(V, T_in)`` vertex series projected onto ``flat.family`` (or, without a
+    per-vertex z-score, ``(P, T_in)`` pixel series through the composed operator), streamed.
+
+    Raises:
+        InputError: the volume covers no cortex, or non-finite values (``inputs.nan_policy=error``).
+    """
+    spec = run.spec
+    src = spec.volume
+    family = load_family(cfg["family"], run.atlas_dir)
+    vol = open_volume(src.path)
+    tr_in, tr_warnings = resolve_tr(vol.path, spec.metadata, vol.header_tr_s, vol.header_time_unit)
+    run.add_source(src.path, "volume", src.space, src.derivative)
+    surface_op, medial_wall = _surface_operator(family, cfg, run)
+    key = ("flat-volume", surface_op.meta["key"], vol.path, tuple(vol.shape[:3]), str(cfg["projection"]))
+    projection, projection_info, arrays = OPERATORS.get(key, lambda: _projection(run, family, vol, cfg))
+    op = OPERATORS.get(key + ("op",), lambda: volume_flat_operator(surface_op, projection, {**cfg["projection"],
+                       "info": projection_info}, arrays + [projection.indptr, projection.indices]))
+    if not op.mask.any():
+        raise InputError(vol.path, f"the volume covers none of the {family.name} cortex (world coordinates)")
+    step = frames_per_block(vol.n_frames, np.prod(vol.shape[:3]))
+    # Without a per-vertex z-score the composed (pixels, voxels) matrix gives pixel series at once.
+    pixel_space = cfg["normalization"] != "vertex_zscore"
+    stage = op.matrix if pixel_space else op.vertex_stage
+    apply_stage = PreparedOperator(stage, device=device)
+    data = np.empty((stage.shape[0], vol.n_frames), dtype=np.float32)
+    for start, stop, block in vol.iter_frames(step):
+        block = check_finite(block, vol.path, start, run.recipe["inputs"]["nan_policy"]).reshape(-1, stop - start)
+        apply_stage(block, out=data[:, start:stop])
+    covered = np.ones(len(data), bool) if pixel_space else np.asarray(op.vertex_stage.getnnz(axis=1) > 0)
+    space = src.space
+    note = "native-space volume" if space == NATIVE else f"{space} volume"
+    run.warnings.append(
+        f"flat: {note} projected onto {family.name} surfaces by world coordinates "
+        f"({'no registration; ' if space == NATIVE else ''}template surfaces approximate MNI space)"
+    )
+    return FlatSource(src.path, "volume", family, op, medial_wall, data, covered, pixel_space, tr_in, tr_warnings,
+                      projection_info)
+
+
+def _normalize(source: FlatSource, normalization: str) -> tuple[np.ndarray, np.ndarray]:
+    """Signal check and (``vertex_zscore``) z-score over the run of each row of ``source.data``.
+
+    Returns:
+        ``(n, T_in)`` float32 series and ``(n,)`` bool rows with signal (covered, std > 1e-6).
+
+    Raises:
+        InputError: no row has signal.
+    """
+    data = source.data
     std = data.std(axis=1, dtype=np.float64)
-    signal = covered & (std > _NO_SIGNAL)
+    signal = source.covered & (std > _NO_SIGNAL)
     if not signal.any():
-        raise InputError(src.path, "no BOLD signal on the cortex: every vertex is constant over time")
-    if cfg["normalization"] == "vertex_zscore":
+        raise InputError(source.path, "no BOLD signal on the cortex: every vertex is constant over time")
+    if normalization == "vertex_zscore":
         mean = data.mean(axis=1, dtype=np.float64)
         data = ((data - mean[:, None]) / np.where(signal, std, 1.0)[:, None]).astype(np.float32)
-    if pixel_space:  # data already holds pixel series
-        flat_matrix, mask = None, np.zeros(op.mask.size, dtype=bool)
-        mask[np.flatnonzero(op.mask.ravel())[signal]] = True
-        mask = mask.reshape(op.mask.shape)
-        values = data[signal]
-    else:
-        base = op.flat_stage if kind == "volume" else op.matrix
-        flat_matrix, mask = restrict_to_vertices(base, signal, op.mask)
-        columns = np.flatnonzero(signal)
-        flat_matrix = flat_matrix[:, columns].tocsr()
-        values = data[columns]
-    series = resample_tr(values.T, tr_in, tr_out, temporal["interpolation"], temporal["antialias"], device=device)  # (T_out, n)
-    n_frames = series.shape[0]
-    if known.get("n_frames") not in (None, n_frames):
-        raise InputError(src.path, f"flat map has {n_frames} frames; the run's other outputs have {known['n_frames']}")
+    return data, signal
 
-    store_cfg = recipe["store"]
+
+def _pixel_mapping(source: FlatSource, data: np.ndarray, signal: np.ndarray):
+    """The rows with signal, and how they map to pixels.
+
+    Returns:
+        ``(flat_matrix, mask, values)``: ``(P, n_signal)`` CSR vertex -> pixel matrix (None
+        when the rows already are pixels), ``(H, W)`` bool ``flat_mask`` and ``(n_signal, T_in)``
+        float32 series.
+    """
+    op = source.op
+    if source.pixel_space:  # data already holds pixel series
+        mask = np.zeros(op.mask.size, dtype=bool)
+        mask[np.flatnonzero(op.mask.ravel())[signal]] = True
+        return None, mask.reshape(op.mask.shape), data[signal]
+    base = op.flat_stage if source.kind == "volume" else op.matrix
+    flat_matrix, mask = restrict_to_vertices(base, signal, op.mask)
+    columns = np.flatnonzero(signal)
+    return flat_matrix[:, columns].tocsr(), mask, data[columns]
+
+
+def _write_flat(run: RunInputs, cfg: dict[str, Any], series: np.ndarray, flat_matrix, mask: np.ndarray,
+                device: str) -> None:
+    """Write ``flat`` ``(T_out, H, W)`` (``flat.dtype``) from ``series (T_out, n)`` and ``flat_mask`` ``(H, W)``."""
+    store_cfg = run.recipe["store"]
     valid = np.flatnonzero(mask.ravel())
     height, width = mask.shape
     apply_flat = PreparedOperator(flat_matrix, device=device) if flat_matrix is not None else None  # once per run
@@ -240,21 +283,26 @@ def flat_outputs(ctx: RunContext, writer: RunWriter, known: dict[str, Any]) -> d
         out[:, valid] = series[start:stop]
         return out.reshape(stop - start, height, width)
 
-    writer.write_series("flat", n_frames, (height, width), cfg["dtype"], store_cfg["chunk_frames"],
-                        store_cfg["shard_chunks"], store_cfg["compression"], block, dimension_names=("time", "y", "x"))
-    writer.write_array("flat_mask", mask, store_cfg["compression"], dimension_names=("y", "x"))
-    attrs["flat"] = {
+    run.writer.write_series("flat", series.shape[0], (height, width), cfg["dtype"], store_cfg["chunk_frames"],
+                            store_cfg["shard_chunks"], store_cfg["compression"], block, dimension_names=("time", "y", "x"))
+    run.writer.write_array("flat_mask", mask, store_cfg["compression"], dimension_names=("y", "x"))
+
+
+def _flat_attrs(source: FlatSource, cfg: dict[str, Any], mask: np.ndarray, signal: np.ndarray) -> dict[str, Any]:
+    """Run attribute ``flat``."""
+    op, family = source.op, source.family
+    attrs = {
         "family": family.name,
         "surfaces": family.files,
-        "source": kind,
+        "source": source.kind,
         "bbox_mm": op.meta["bbox_mm"],
         "resolution_mm": op.meta["resolution_mm"],
-        "shape": [height, width],
+        "shape": list(mask.shape),
         "fit": cfg["fit"],
         "scale": op.meta["scale"],
         "hemisphere_gap_mm": cfg["hemisphere_gap_mm"],
         "edge_threshold_mm": cfg["edge_threshold_mm"],
-        "medial_wall": medial_wall,
+        "medial_wall": source.medial_wall,
         "triangulation": op.meta["triangulation"],
         "operator_key": op.meta["key"],
         "n_valid_pixels": int(mask.sum()),
@@ -263,8 +311,58 @@ def flat_outputs(ctx: RunContext, writer: RunWriter, known: dict[str, Any]) -> d
         "normalization": {"kind": cfg["normalization"]},
         "dtype": cfg["dtype"],
     }
-    if projection_info is not None:
-        attrs["flat"]["projection"] = projection_info
-    attrs.update(tr_s=tr_out, source_tr_s=tr_in, n_frames=n_frames, n_frames_source=int(data.shape[1]))
-    ctx.tr_in, ctx.tr_out = tr_in, tr_out
+    if source.projection_info is not None:
+        attrs["projection"] = source.projection_info
     return attrs
+
+
+def flat_outputs(run: RunInputs, inputs: Mapping[str, Any]) -> Produced:
+    """Write ``flat`` and ``flat_mask``: read the source, normalize, resample in time, map to pixels.
+
+    Args:
+        inputs: ``timing`` of the run's other outputs, or None (``n_frames`` must agree with it).
+
+    Returns:
+        run attributes (``flat``, timing) and value ``timing``.
+
+    Raises:
+        InputError: no surfaces for the run's space, vertex counts that do not match the
+            family, a volume that covers no cortex, no signal, or a frame count that differs
+            from the run's other outputs.
+    """
+    cfg, spec, recipe = run.recipe["flat"], run.spec, run.recipe
+    temporal = recipe["temporal"]
+    device = resample_device(recipe)  # every product runs in the shared kernel (numba on CPU, torch on CUDA)
+    if spec.surface or spec.cifti_dense:
+        source = _read_surface_source(run, cfg)
+    else:
+        source = _read_volume_source(run, cfg, device)
+    run.warnings.extend([w for w in source.tr_warnings if w not in run.warnings])
+    tr_in = source.tr_in
+    tr_out = temporal["tr"] or tr_in
+
+    # Vertex (or, for a composed volume operator, pixel) series: signal check, z-score, TR.
+    data, signal = _normalize(source, cfg["normalization"])
+    flat_matrix, mask, values = _pixel_mapping(source, data, signal)
+    series = resample_tr(values.T, tr_in, tr_out, temporal["interpolation"], temporal["antialias"], device=device)  # (T_out, n)
+    n_frames = series.shape[0]
+    known = inputs["timing"]
+    if known is not None and known.n_frames != n_frames:
+        raise InputError(source.path, f"flat map has {n_frames} frames; the run's other outputs have {known.n_frames}")
+
+    _write_flat(run, cfg, series, flat_matrix, mask, device)
+    timing = Timing(tr_s=tr_out, source_tr_s=tr_in, n_frames=n_frames, n_frames_source=int(data.shape[1]))
+    attrs = {"flat": _flat_attrs(source, cfg, mask, signal)}
+    attrs.update(tr_s=tr_out, source_tr_s=tr_in, n_frames=n_frames, n_frames_source=int(data.shape[1]))
+    return Produced(attrs, {"timing": timing})
+
+
+#: Surface, dense CIFTI or volume BOLD -> ``flat`` video + ``flat_mask`` (recipe ``flat`` section).
+KIND = OutputKind(
+    name="flat",
+    needs=("timing",),
+    provides=("timing",),
+    applies=lambda run, inputs: bool(run.recipe.get("flat"))
+    and bool(run.spec.surface or run.spec.cifti_dense or run.spec.volume),
+    run=flat_outputs,
+)

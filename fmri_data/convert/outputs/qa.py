@@ -27,7 +27,8 @@ from __future__ import annotations
 
 import logging
 import math
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, Mapping
 
 import nibabel as nib
 import numpy as np
@@ -38,11 +39,12 @@ from ...derive.motion import MOTION_COLUMNS
 from ...derive.volume import epi_mask
 from ...read.cifti import open_cifti
 from ...read.gifti import open_gifti_series
+from ...discover import RunSpec
 from ...read.nifti import open_volume, read_image_3d
+from ...reference.grids import Grid
 from ...resample.spatial import resample_mask
-from ..context import RunContext, frames_per_block, temporal_mean
-
-
+from ..context import RunInputs, frames_per_block, temporal_mean
+from .base import OutputKind, Produced, Timing
 
 log = logging.getLogger(__name__)
 
@@ -68,15 +70,37 @@ def _trace(values: np.ndarray) -> list[float | None]:
     return [_g(v) for v in np.asarray(values, dtype=np.float64)]
 
 
-def source_mask(ctx: RunContext, vol, grid_mask: np.ndarray | None, grid) -> tuple[np.ndarray, str] | None:
+@dataclass(frozen=True)
+class QAInputs:
+    """What the QA metrics read besides the source files.
+
+    Attributes:
+        spec: the run; recipe: resolved recipe; tr_in: source TR (s).
+        mask: ``(X, Y, Z)`` bool brain mask on the target grid, ``grid`` that grid (None
+            without volume output).
+        confounds: ``(columns, (T_in, C) float32)`` or None.
+        source_frames: :class:`SourceFrames` gathered in the converter's pass, or None (QA
+            then reads the source itself).
+    """
+
+    spec: RunSpec
+    recipe: dict[str, Any]
+    tr_in: float
+    mask: np.ndarray | None = None
+    grid: Grid | None = None
+    confounds: tuple[list[str], np.ndarray] | None = None
+    source_frames: "SourceFrames | None" = None
+
+
+def source_mask(mask_file: str | None, vol, grid_mask: np.ndarray | None, grid) -> tuple[np.ndarray, str] | None:
     """Brain mask on the source grid and where it came from: the run's target-grid mask
-    taken back (nearest neighbour), else its ``desc-brain_mask`` file; None when only an EPI
-    mask of the source mean would do (that needs a pass over the source of its own)."""
+    taken back (nearest neighbour), else its ``desc-brain_mask`` file ``mask_file``; None when
+    only an EPI mask of the source mean would do (that needs a pass over the source of its own)."""
     if grid_mask is not None and grid is not None:
         mask = resample_mask(grid_mask, grid.affine, vol.shape[:3], vol.affine)
         return mask, "stored brain_mask (nearest neighbour on the source grid)"
-    if ctx.spec.mask:
-        data, affine = read_image_3d(ctx.spec.mask)
+    if mask_file:
+        data, affine = read_image_3d(mask_file)
         return resample_mask(data, affine, vol.shape[:3], vol.affine), "desc-brain_mask file"
     return None
 
@@ -117,9 +141,9 @@ class SourceFrames:
         self.brain[start:stop] = block[self.mask].T
 
     @classmethod
-    def read(cls, ctx: RunContext, vol) -> "SourceFrames":
+    def read(cls, q: "QAInputs", vol) -> "SourceFrames":
         """QA's own pass over the source (when the converter's pass did not gather them)."""
-        found = source_mask(ctx, vol, ctx.mask, ctx.grid)
+        found = source_mask(q.spec.mask, vol, q.mask, q.grid)
         if found is None:
             found = epi_mask(temporal_mean(vol), vol.affine), "EPI mask of the source mean (nilearn compute_epi_mask)"
         frames = cls(vol.shape[:3], vol.n_frames, *found)
@@ -169,16 +193,15 @@ def _series_metrics(x: np.ndarray, out: dict[str, Any], series: dict[str, Any], 
         series["aor"], series["aqi"] = _trace(aor), _trace(aqi)
 
 
-def _volume(ctx: RunContext, out, series, notes) -> None:
-    vol = open_volume(ctx.spec.volume.path)
-    frames = ctx.source_frames if ctx.source_frames is not None else SourceFrames.read(ctx, vol)
-    ctx.source_frames = None  # (T, N_brain) float32: not kept past QA
+def _volume(q: QAInputs, out, series, notes) -> None:
+    vol = open_volume(q.spec.volume.path)
+    frames = q.source_frames if q.source_frames is not None else SourceFrames.read(q, vol)
     mask, brain, global_signal = frames.mask, frames.brain, frames.global_signal
     mean_image = frames.total / frames.n_frames
-    axis, pe_source = phase_encoding_axis(ctx.spec.volume.path, ctx.spec.metadata)
+    axis, pe_source = phase_encoding_axis(q.spec.volume.path, q.spec.metadata)
     out.update(
         kind="volume",
-        computed_on=f"source image {'x'.join(str(s) for s in vol.shape[:3])} voxels, TR {ctx.tr_in:g} s",
+        computed_on=f"source image {'x'.join(str(s) for s in vol.shape[:3])} voxels, TR {q.tr_in:g} s",
         mask=frames.mask_source,
         n_channels=int(mask.sum()),
         nan_fraction=_g(frames.nonfinite.mean()),
@@ -198,9 +221,9 @@ def _volume(ctx: RunContext, out, series, notes) -> None:
     _series_metrics(brain, out, series, notes, image_metrics=True)
 
 
-def _channels(ctx: RunContext) -> tuple[np.ndarray, str, str]:
+def _channels(q: QAInputs) -> tuple[np.ndarray, str, str]:
     """``(T, C)`` source series of a surface / CIFTI run, its kind and a description."""
-    spec = ctx.spec
+    spec = q.spec
     if spec.cifti_dense is not None:
         cifti = open_cifti(spec.cifti_dense.path)
         return cifti.read(), "cifti_dense", f"{cifti.n_columns} grayordinates"
@@ -212,8 +235,8 @@ def _channels(ctx: RunContext) -> tuple[np.ndarray, str, str]:
     return cifti.read(), "cifti_parcels", f"{cifti.n_columns} parcels"
 
 
-def _surface(ctx: RunContext, out, series, notes) -> None:
-    x, kind, what = _channels(ctx)
+def _surface(q: QAInputs, out, series, notes) -> None:
+    x, kind, what = _channels(q)
     finite = np.isfinite(x)
     nonfinite = ~finite.all(axis=0)
     x = np.where(finite, x, 0.0).astype(np.float32)
@@ -221,7 +244,7 @@ def _surface(ctx: RunContext, out, series, notes) -> None:
     global_signal = x.mean(axis=1, dtype=np.float64)
     out.update(
         kind=kind,
-        computed_on=f"source {what}, TR {ctx.tr_in:g} s",
+        computed_on=f"source {what}, TR {q.tr_in:g} s",
         mask="channels that vary over time",
         n_channels=int(varying.sum()),
         nan_fraction=_g(nonfinite.mean()),
@@ -233,11 +256,11 @@ def _surface(ctx: RunContext, out, series, notes) -> None:
         _series_metrics(x[:, varying], out, series, notes, image_metrics=False)
 
 
-def _motion(ctx: RunContext, n_source: int, cfg: dict[str, Any], out, series, notes) -> None:
-    if ctx.confounds is None:
+def _motion(q: QAInputs, n_source: int, cfg: dict[str, Any], out, series, notes) -> None:
+    if q.confounds is None:
         notes.append("no confounds file: FD not computed")
         return
-    columns, values = ctx.confounds
+    columns, values = q.confounds
     if not all(c in columns for c in MOTION_COLUMNS):
         notes.append("confounds have no trans_x..rot_z columns: FD not computed")
         return
@@ -258,30 +281,30 @@ NULL_METRICS = (
 )
 
 
-def qa_outputs(ctx: RunContext, attrs: dict[str, Any]) -> dict[str, Any]:
+def compute_qa(q: QAInputs, timing: Timing, warnings: list[str]) -> dict[str, Any]:
     """Run attributes ``{"qa": {...}}`` (``schemas/run.schema.json`` ``$defs/qa``), or ``{}`` when disabled.
 
     A metric that cannot be computed is null with a note; an unexpected error in QA is
-    recorded as a warning and never fails the conversion (QA does not change the data).
+    recorded in ``warnings`` and never fails the conversion (QA does not change the data).
     """
-    cfg = qa_settings(ctx.recipe)
+    cfg = qa_settings(q.recipe)
     if cfg is None:
         return {}
     out: dict[str, Any] = {name: None for name in NULL_METRICS}
     series: dict[str, Any] = {}
     notes: list[str] = []
-    n_source = int(attrs["n_frames_source"])
+    n_source = int(timing.n_frames_source)
     try:
-        if ctx.spec.volume is not None:
-            _volume(ctx, out, series, notes)
+        if q.spec.volume is not None:
+            _volume(q, out, series, notes)
         else:
-            _surface(ctx, out, series, notes)
-        _motion(ctx, n_source, cfg, out, series, notes)
+            _surface(q, out, series, notes)
+        _motion(q, n_source, cfg, out, series, notes)
     except Exception as exc:  # noqa: BLE001 - QA must not lose a conversion; the cause is kept
-        log.exception("QA of %s failed", ctx.spec.run_id)
-        ctx.warnings.append(f"qa: not computed ({type(exc).__name__}: {exc})")
+        log.exception("QA of %s failed", q.spec.run_id)
+        warnings.append(f"qa: not computed ({type(exc).__name__}: {exc})")
         return {}
-    out["frames_dropped"] = iqm.frames_dropped(n_source, float(attrs["source_tr_s"]), int(attrs["n_frames"]), float(attrs["tr_s"]))
+    out["frames_dropped"] = iqm.frames_dropped(n_source, float(timing.source_tr_s), int(timing.n_frames), float(timing.tr_s))
     out["n_frames_source"] = n_source
     out["settings"] = {
         "fd_threshold_mm": float(cfg["fd_threshold_mm"]),
@@ -292,3 +315,21 @@ def qa_outputs(ctx: RunContext, attrs: dict[str, Any]) -> dict[str, Any]:
     out["notes"] = notes
     out["series"] = series
     return {"qa": out}
+
+
+def _qa_kind(run: RunInputs, inputs: Mapping[str, Any]) -> Produced:
+    timing = inputs["timing"]
+    q = QAInputs(run.spec, run.recipe, timing.source_tr_s, inputs["brain_mask"], inputs["grid"], inputs["confounds"],
+                 inputs["source_frames"])
+    return Produced(compute_qa(q, timing, run.warnings))
+
+
+#: Quality metrics -> run attribute ``qa`` (recipe ``qa`` section), once the run has stored series.
+KIND = OutputKind(
+    name="qa",
+    needs=("timing", "brain_mask", "grid", "source_frames", "confounds"),
+    provides=(),
+    applies=lambda run, inputs: True,
+    run=_qa_kind,
+    after_series=True,
+)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from typing import Any
+from typing import Any, Mapping
 
 import numpy as np
 
@@ -16,12 +16,12 @@ from ...read.common import resolve_tr
 from ...resample.operator import PreparedOperator
 from ...resample.spatial import grid_indices, inside_source, resample_mask, resampling_matrix, source_coordinates
 from ...resample.temporal import n_output_frames, resample_tr
-from ...store.writer import RunWriter
 from ...store.layout import roi_key
 from ..context import (
-    RunContext, cached_atlas, cached_parcel_operator, check_finite, frames_per_block, resample_device,
+    RunInputs, cached_atlas, cached_parcel_operator, check_finite, frames_per_block, resample_device,
     temporal_mean, write_roi,
 )
+from .base import OutputKind, Produced, Timing
 from .qa import SourceFrames, qa_settings, source_mask
 
 log = logging.getLogger(__name__)
@@ -32,16 +32,16 @@ def _target_grid(volume_cfg: dict[str, Any]) -> Grid:
     return grid.crop_or_pad(tuple(volume_cfg["shape"])) if volume_cfg.get("shape") else grid
 
 
-def _source_mask(ctx: RunContext, vol: VolumeSeries, mode: str, grid: Grid) -> tuple[np.ndarray, str]:
+def _source_mask(run: RunInputs, vol: VolumeSeries, mode: str, grid: Grid) -> tuple[np.ndarray, str]:
     """Brain mask resampled (nearest) onto the target grid, and how it was obtained."""
-    spec = ctx.spec
+    spec = run.spec
     if mode == "auto":
         mode = "file" if spec.mask else "epi"
     if mode == "file":
         if not spec.mask:
             raise InputError(vol.path, "recipe volume.mask=file but the run has no desc-brain_mask file")
         data, affine = read_image_3d(spec.mask)
-        ctx.add_source(spec.mask, "mask", spec.volume.space if spec.volume else None, True)
+        run.add_source(spec.mask, "mask", spec.volume.space if spec.volume else None, True)
     elif mode == "epi":
         data, affine = epi_mask(temporal_mean(vol), vol.affine), vol.affine
     elif mode == "nonzero":
@@ -51,28 +51,38 @@ def _source_mask(ctx: RunContext, vol: VolumeSeries, mode: str, grid: Grid) -> t
     return resample_mask(data, affine, grid.shape, grid.affine), mode
 
 
-def _qa_frames(ctx: RunContext, vol: VolumeSeries, grid_mask: np.ndarray | None, grid: Grid | None) -> SourceFrames | None:
+def _qa_frames(run: RunInputs, vol: VolumeSeries, grid_mask: np.ndarray | None, grid: Grid | None) -> SourceFrames | None:
     """What QA needs from the source frames, to gather in the streaming pass; None when QA is
     off, when its mask needs the source mean first, or when it cannot be set up (QA then
     reads the source itself and reports the cause: QA never fails a conversion)."""
-    if qa_settings(ctx.recipe) is None:
+    if qa_settings(run.recipe) is None:
         return None
     try:
-        found = source_mask(ctx, vol, grid_mask, grid)
+        found = source_mask(run.spec.mask, vol, grid_mask, grid)
         return SourceFrames(vol.shape[:3], vol.n_frames, *found) if found is not None else None
     except Exception as exc:  # noqa: BLE001
         log.debug("%s: QA gathers nothing in the conversion pass (%s)", vol.path, exc)
         return None
 
 
-def volume_outputs(ctx: RunContext, writer: RunWriter) -> dict[str, Any]:
-    """Volume source -> ``bold`` (+ mask) and volume-atlas ROI series. Returns run attributes."""
-    spec, recipe = ctx.spec, ctx.recipe
+def volume_outputs(run: RunInputs, inputs: Mapping[str, Any]) -> Produced:
+    """Volume source -> ``bold`` (+ mask) and volume-atlas ROI series.
+
+    Returns:
+        run attributes (``volume``, timing) and values ``timing``, ``roi_series``,
+        ``atlas_parcels``, ``brain_mask``, ``grid``, ``source_frames`` (see :mod:`.base`);
+        nothing when the recipe has neither volume output nor atlases for this run.
+
+    Raises:
+        InputError: native-space volume under ``inputs.native_space=error``, an empty brain
+            mask on the target grid, non-finite values (``inputs.nan_policy=error``), or no signal.
+    """
+    spec, recipe = run.spec, run.recipe
     src = spec.volume
     vol = open_volume(src.path)
     tr_in, tr_warnings = resolve_tr(vol.path, spec.metadata, vol.header_tr_s, vol.header_time_unit)
-    ctx.warnings += tr_warnings
-    ctx.add_source(src.path, "volume", src.space, src.derivative)
+    run.warnings.extend(tr_warnings)
+    run.add_source(src.path, "volume", src.space, src.derivative)
     tr_out = recipe["temporal"]["tr"] or tr_in
     t_out = n_output_frames(vol.n_frames, tr_in, tr_out)
 
@@ -83,26 +93,26 @@ def volume_outputs(ctx: RunContext, writer: RunWriter) -> dict[str, Any]:
         if policy == "error":
             raise InputError(vol.path, f"volume is in native space, not {volume_cfg['space']} (recipe inputs.native_space=error)")
         if policy == "skip":
-            ctx.warnings.append("native-space volume: no volume output (recipe inputs.native_space=skip)")
+            run.warnings.append("native-space volume: no volume output (recipe inputs.native_space=skip)")
             volume_cfg = None
-    atlases = [cached_atlas(name, ctx.atlas_dir) for name in (recipe["roi"] or {}).get("atlases", [])]
+    atlases = [cached_atlas(name, run.atlas_dir) for name in (recipe["roi"] or {}).get("atlases", [])]
     if volume_cfg is None and not atlases:
-        return {}
+        return Produced()
 
     order = 0 if volume_cfg and volume_cfg["interpolation"] == "nearest" else 1
     op = mask = grid = None  # without volume output: no grid, no target-grid mask
     if volume_cfg is not None:
         grid = _target_grid(volume_cfg)
-        mask, mask_mode = _source_mask(ctx, vol, volume_cfg["mask"], grid)
+        mask, mask_mode = _source_mask(run, vol, volume_cfg["mask"], grid)
         ijk_all = grid_indices(grid.shape)
         fov = inside_source(source_coordinates(vol.affine, grid.affine, ijk_all), vol.shape[:3]).reshape(grid.shape)
         mask &= fov & grid.box_mask()
         if not mask.any():
             raise InputError(vol.path, "brain mask is empty on the target grid (does the run overlap the template box?)")
         op = resampling_matrix(vol.shape[:3], vol.affine, np.argwhere(mask), grid.affine, order)
-    parcel_ops = [cached_parcel_operator(a, ctx.atlas_dir, vol.shape[:3], vol.affine) for a in atlases]
+    parcel_ops = [cached_parcel_operator(a, run.atlas_dir, vol.shape[:3], vol.affine) for a in atlases]
     if src.space != NATIVE and atlases and any(c.space not in (None, src.space) for a in atlases for c in a.components):
-        ctx.warnings.append(f"atlas space differs from the run's space {src.space}; parcels applied by world coordinates")
+        run.warnings.append(f"atlas space differs from the run's space {src.space}; parcels applied by world coordinates")
 
     # One streaming pass: every block of source frames goes through every operator, each
     # applied by the shared sparse kernel (numba on CPU, torch on CUDA; recipe compute.device).
@@ -112,7 +122,7 @@ def volume_outputs(ctx: RunContext, writer: RunWriter) -> dict[str, Any]:
     apply_brain = PreparedOperator(op, device=device) if op is not None else None
     apply_parcels = [PreparedOperator(p.matrix, device=device, dtype=np.float64) for p in parcel_ops]
     policy = recipe["inputs"]["nan_policy"]
-    qa_frames = _qa_frames(ctx, vol, mask, grid)
+    qa_frames = _qa_frames(run, vol, mask, grid)
     for start, stop, block in vol.iter_frames(frames_per_block(vol.n_frames, np.prod(vol.shape[:3]))):
         if qa_frames is not None:
             qa_frames.add(start, stop, block)
@@ -125,21 +135,28 @@ def volume_outputs(ctx: RunContext, writer: RunWriter) -> dict[str, Any]:
     signal = [x for x in ([brain] if brain is not None else []) + parcels if x.size]
     if signal and not any(np.ptp(x, axis=0).max() > 0 for x in signal):
         raise InputError(vol.path, "no BOLD signal: every voxel is constant over time")
-    ctx.tr_in, ctx.tr_out, ctx.source_frames = tr_in, tr_out, qa_frames
     temporal = recipe["temporal"]
     if op is not None:
-        ctx.brain_source, ctx.mask, ctx.grid = brain, mask, grid
         resampled = resample_tr(brain, tr_in, tr_out, temporal["interpolation"], temporal["antialias"], device=device)
-        attrs["volume"] = _write_volume(ctx, writer, resampled, mask, grid, mask_mode, src.space, volume_cfg)
+        attrs["volume"] = _write_volume(run, resampled, mask, grid, mask_mode, src.space, volume_cfg)
+    roi_series: dict[str, np.ndarray] = {}
     for atlas, p, series in zip(atlases, parcel_ops, parcels):
         series = resample_tr(series, tr_in, tr_out, temporal["interpolation"], temporal["antialias"], device=device)
-        write_roi(ctx, writer, roi_key(atlas.name), series, atlas.labels, atlas.provenance(), "volume", p.missing, p.n_voxels)
+        key = roi_key(atlas.name)
+        roi_series[key] = write_roi(run, key, series, atlas.labels, atlas.provenance(), "volume", p.missing, p.n_voxels)
+    timing = Timing(tr_s=tr_out, source_tr_s=tr_in, n_frames=t_out, n_frames_source=vol.n_frames)
     attrs.update(tr_s=tr_out, source_tr_s=tr_in, n_frames=t_out, n_frames_source=vol.n_frames)
-    return attrs
+    values = {
+        "timing": timing, "roi_series": roi_series, "atlas_parcels": bool(roi_series),
+        "brain_mask": mask, "grid": grid, "source_frames": qa_frames,
+    }
+    return Produced(attrs, values)
 
 
-def _write_volume(ctx, writer, brain, mask, grid, mask_mode, source_space, cfg) -> dict[str, Any]:
-    store_cfg = ctx.recipe["store"]
+def _write_volume(run: RunInputs, brain, mask, grid, mask_mode, source_space, cfg) -> dict[str, Any]:
+    """Normalize ``brain (T_out, N)`` and write ``bold`` ``(T, X, Y, Z)``, ``brain_mask`` and the
+    ``norm_*`` maps; returns run attribute ``volume``."""
+    store_cfg, writer = run.recipe["store"], run.writer
     z, params, arrays = normalize(brain, cfg["normalization"])
     background = background_value(z, cfg["background"])
     params["background"] = background
@@ -162,7 +179,7 @@ def _write_volume(ctx, writer, brain, mask, grid, mask_mode, source_space, cfg) 
         writer.write_array(f"norm_{name}", volume.reshape(grid.shape), store_cfg["compression"], dimension_names=("x", "y", "z"))
     aligned = source_space == cfg["space"]
     if not aligned:
-        ctx.warnings.append(
+        run.warnings.append(
             f"source space '{source_space}' is not {cfg['space']}: resampled by world coordinates, without registration"
         )
     return {
@@ -181,3 +198,11 @@ def _write_volume(ctx, writer, brain, mask, grid, mask_mode, source_space, cfg) 
     }
 
 
+#: Volume BOLD -> ``bold``, ``brain_mask`` and volume-atlas ``roi/*``.
+KIND = OutputKind(
+    name="volume",
+    needs=(),
+    provides=("timing", "roi_series", "atlas_parcels", "brain_mask", "grid", "source_frames"),
+    applies=lambda run, inputs: run.spec.volume is not None,
+    run=volume_outputs,
+)

@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ...errors import SettingError
 from ..blocks import Block, gather_tokens, trunc_normal_
 from ..configs import FlatMaeConfig
 
@@ -26,7 +27,7 @@ class FlatMae(nn.Module):
         self.cfg = cfg
         h, w = cfg.shape
         if h % cfg.patch or w % cfg.patch or cfg.frames % cfg.t_patch:
-            raise ValueError(f"input (T={cfg.frames}, H={h}, W={w}) not divisible by patch "
+            raise SettingError(f"input (T={cfg.frames}, H={h}, W={w}) not divisible by patch "
                              f"({cfg.t_patch}, {cfg.patch}, {cfg.patch})")
         self.grid = (cfg.frames // cfg.t_patch, h // cfg.patch, w // cfg.patch)
         self.n_spatial = self.grid[1] * self.grid[2]
@@ -51,10 +52,10 @@ class FlatMae(nn.Module):
     def _check(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
         x, valid = batch["data"], batch.get("mask")
         if tuple(x.shape[1:]) != (1, self.cfg.frames, *self.cfg.shape):
-            raise ValueError(f"flat MAE input has shape {tuple(x.shape[1:])}, expected (1, {self.cfg.frames}, "
+            raise SettingError(f"flat MAE input has shape {tuple(x.shape[1:])}, expected (1, {self.cfg.frames}, "
                              f"{self.cfg.shape[0]}, {self.cfg.shape[1]})")
         if valid is None:
-            raise ValueError("flat MAE needs batch['mask'] (valid pixels of the flat map)")
+            raise SettingError("flat MAE needs batch['mask'] (valid pixels of the flat map)")
         valid = valid.to(x.device, torch.bool)
         valid = valid.expand(x.shape[0], -1, -1) if valid.ndim == 2 else valid
         return x * valid[:, None, None], valid   # off-cortex pixels never reach the model
@@ -107,7 +108,7 @@ class FlatMae(nn.Module):
         b, dev = patch_valid.shape[0], patch_valid.device
         n_valid = patch_valid.sum(1)
         if int(n_valid.min()) < 2:
-            raise ValueError("a flat map needs at least 2 patches with valid pixels")
+            raise SettingError("a flat map needs at least 2 patches with valid pixels")
         n_keep = (n_valid.float() * (1 - self.cfg.mask_ratio)).round().long().clamp(1)
         n_keep = torch.minimum(n_keep, n_valid - 1)
         n_pred = n_valid - n_keep

@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ...errors import SettingError
 from ..blocks import Block, trunc_normal_
 from ..configs import FmriLmConfig
 
@@ -48,7 +49,7 @@ class VqTokenizer(nn.Module):
 
     def _check(self, x: torch.Tensor) -> None:
         if tuple(x.shape[1:]) != (self.cfg.n_rois, self.cfg.frames):
-            raise ValueError(f"fMRI-LM input has shape {tuple(x.shape[1:])}, expected ({self.cfg.n_rois}, {self.cfg.frames}) "
+            raise SettingError(f"fMRI-LM input has shape {tuple(x.shape[1:])}, expected ({self.cfg.n_rois}, {self.cfg.frames}) "
                              f"(set model.n_rois / model.frames to the store's ROI series)")
 
     def encode_continuous(self, x: torch.Tensor) -> torch.Tensor:

@@ -23,6 +23,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ...errors import SettingError
 from ..blocks import Mlp, trunc_normal_
 from ..configs import NeuroStormConfig
 from ..ssm import MambaMixer
@@ -97,15 +98,15 @@ class NeuroStorm(nn.Module):
         self.cfg = cfg
         px, py, pz, pt = cfg.patch
         if pt != 1:
-            raise ValueError("NeuroSTORM patches are one frame deep (patch[3] == 1)")
+            raise SettingError("NeuroSTORM patches are one frame deep (patch[3] == 1)")
         shape = tuple(s // cfg.downsample for s in cfg.shape)
         self.scale = 2 ** (len(cfg.depths) - 1)
         self.grid = tuple(s // p for s, p in zip(shape, cfg.patch[:3]))
         for s, p in zip(shape, cfg.patch[:3]):
             if s % (p * self.scale):
-                raise ValueError(f"volume side {s} is not a multiple of patch {p} x {self.scale} (stages)")
+                raise SettingError(f"volume side {s} is not a multiple of patch {p} x {self.scale} (stages)")
         if cfg.frames % min(cfg.window[3], cfg.frames):
-            raise ValueError(f"frames {cfg.frames} not a multiple of the temporal window {cfg.window[3]}")
+            raise SettingError(f"frames {cfg.frames} not a multiple of the temporal window {cfg.window[3]}")
         self.input_shape = (*shape, cfg.frames)
         self.embed = nn.Conv3d(1, cfg.embed_dim, cfg.patch[:3], stride=cfg.patch[:3])
         self.pos_t = nn.Parameter(torch.zeros(cfg.frames, cfg.embed_dim))
@@ -133,7 +134,7 @@ class NeuroStorm(nn.Module):
     def _tokens(self, x: torch.Tensor) -> torch.Tensor:
         """(B, 1, X, Y, Z, T) -> (B, gx, gy, gz, T, C)."""
         if tuple(x.shape[2:]) != self.input_shape:
-            raise ValueError(f"NeuroSTORM input has shape {tuple(x.shape[1:])}, expected (1, {', '.join(map(str, self.input_shape))})")
+            raise SettingError(f"NeuroSTORM input has shape {tuple(x.shape[1:])}, expected (1, {', '.join(map(str, self.input_shape))})")
         b, _, X, Y, Z, T = x.shape
         t = self.embed(x.permute(0, 5, 1, 2, 3, 4).reshape(b * T, 1, X, Y, Z))
         t = t.view(b, T, *t.shape[1:]).permute(0, 3, 4, 5, 1, 2)
@@ -194,7 +195,7 @@ class NeuroStorm(nn.Module):
     def freeze_backbone(self) -> list[nn.Parameter]:
         """Prompt tuning: freeze everything but the prompts; returns the trainable prompts."""
         if not self.cfg.n_prompts:
-            raise ValueError("prompt tuning needs model.n_prompts > 0")
+            raise SettingError("prompt tuning needs model.n_prompts > 0")
         prompts = [blk.prompts for blocks in self.stages for blk in blocks]
         for p in self.parameters():
             p.requires_grad_(False)

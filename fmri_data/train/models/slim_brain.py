@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ...errors import SettingError
 from ..blocks import Block, gather_tokens, trunc_normal_
 from ..configs import SlimBrainConfig
 
@@ -71,12 +72,12 @@ class SlimBrain(nn.Module):
         self.input_shape = (*shape, cfg.frames)
         pt, px, py, pz = cfg.patch
         if pt != 1:
-            raise ValueError("patches are one frame deep here (patch[0] == 1)")
+            raise SettingError("patches are one frame deep here (patch[0] == 1)")
         self.grid = (cfg.frames, shape[0] // px, shape[1] // py, shape[2] // pz)        # (T, gx, gy, gz)
         f = 2 ** (len(cfg.dims) - 1)
         for g, m, name in zip(self.grid, cfg.mask_unit, "txyz"):
             if g % m or (name != "t" and m % f):
-                raise ValueError(f"token grid {self.grid} not divisible by mask unit {cfg.mask_unit} "
+                raise SettingError(f"token grid {self.grid} not divisible by mask unit {cfg.mask_unit} "
                                  f"(spatial unit sides must also be multiples of {f})")
         self.units = tuple(g // m for g, m in zip(self.grid, cfg.mask_unit))
         self.n_units = self.units[0] * self.units[1] * self.units[2] * self.units[3]
@@ -105,7 +106,7 @@ class SlimBrain(nn.Module):
     def _units(self, x: torch.Tensor) -> torch.Tensor:
         """(B, 1, X, Y, Z, T) -> (B, U, P, C0) with positions added."""
         if tuple(x.shape[2:]) != self.input_shape:
-            raise ValueError(f"SLIM-Brain input has shape {tuple(x.shape[1:])}, expected (1, {', '.join(map(str, self.input_shape))})")
+            raise SettingError(f"SLIM-Brain input has shape {tuple(x.shape[1:])}, expected (1, {', '.join(map(str, self.input_shape))})")
         b, _, X, Y, Z, T = x.shape
         tok = self.embed(x.permute(0, 5, 1, 2, 3, 4).reshape(b * T, 1, X, Y, Z))     # (B*T, C, gx, gy, gz)
         tok = tok.view(b, T, *tok.shape[1:]).permute(0, 1, 3, 4, 5, 2)               # (B, T, gx, gy, gz, C)
