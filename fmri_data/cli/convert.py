@@ -34,6 +34,7 @@ def convert(
     overwrite: bool = typer.Option(False, "--overwrite", help="Delete an existing store first."),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Show a progress bar."),
     device: Optional[str] = typer.Option(None, "--device", help="Resampling on auto | cpu | cuda (recipe compute.device; auto = CUDA when present)."),
+    stats: bool = typer.Option(False, "--stats", help="Then compute the recipe's dataset statistics (fmri-data stats)."),
 ) -> None:
     """Convert a BIDS dataset into a Zarr v3 store; finished runs are skipped on a rerun."""
     from ..convert import convert as run_convert
@@ -72,4 +73,12 @@ def convert(
         err_console.print(f"[red]failed[/red] {r.run_id}: {escape(r.error or '')}")
     if report.failed:
         raise typer.Exit(1)
+    if stats:
+        from ..stats import compute_stats
+
+        try:
+            record = compute_stats(report.store_url, storage_options=parse_options(output_option))
+        except (FmriDataError, ValueError) as exc:
+            fail(exc)
+        console.print(f"{report.store_url}: {record['kind']} statistics of {record['array']} over {record['n_runs']} runs")
 

@@ -1,4 +1,4 @@
-"""Command line: ``fmri-data convert | inspect | validate | recipes | saliency | windows | flat | qa | train | probe | version``.
+"""Command line: ``fmri-data convert | inspect | validate | recipes | saliency | windows | flat | qa | stats | train | probe | version``.
 
 Each command lives in the module of its stage (``cli/convert.py``, ``cli/store.py``, ...) as a
 plain function or a sub-command group; this module assembles them, so no command module
@@ -11,7 +11,7 @@ import logging
 
 import typer
 
-from . import convert, flat, load, qa, saliency, store, train
+from . import convert, flat, load, qa, saliency, stats, store, train
 
 app = typer.Typer(
     name="fmri-data",
@@ -44,6 +44,7 @@ app.add_typer(saliency.app, name="saliency")
 app.command()(load.windows)
 app.add_typer(flat.app, name="flat")
 app.command("qa")(qa.qa)
+app.command()(stats.stats)
 app.command()(train.train)
 app.command()(train.probe)
 

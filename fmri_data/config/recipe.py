@@ -132,7 +132,7 @@ def load_recipe(name_or_path: str | Path = "default", overrides: list[str] | Non
 
 #: Recipe sections that say how to run, not what to produce: not part of the fingerprint.
 #: ``qa`` only adds run attributes (quality metrics) and report thresholds, never array values.
-EXECUTION_KEYS = ("description", "compute", "qa")
+EXECUTION_KEYS = ("description", "compute", "qa", "stats")  # settings that never change a stored array
 
 
 def recipe_hash(recipe: Recipe) -> str:

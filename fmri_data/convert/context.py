@@ -10,8 +10,7 @@ from typing import Any, Callable, Mapping
 import numpy as np
 
 from ..reference.atlases import Atlas, load_atlas
-from ..derive.roi import ParcelOperator, volume_parcel_operator
-from ..derive.volume import normalize
+from ..derive.roi import ParcelOperator, normalize_parcels, volume_parcel_operator
 from ..discover import RunSpec
 from ..errors import InputError
 from ..read.common import file_sha256
@@ -141,7 +140,7 @@ def write_roi(run: RunInputs, key: str, series, labels, atlas_info, source, miss
         the series as stored, ``(T, R)`` float32.
     """
     store_cfg = run.recipe["store"]
-    z, params, arrays = normalize(series, run.recipe["roi"]["normalization"] if run.recipe["roi"] else "none")
+    z, params, arrays = normalize_parcels(series, run.recipe["roi"]["normalization"] if run.recipe["roi"] else "none")
     params.update({k: v.tolist() for k, v in arrays.items()})
     attrs = {
         "labels": list(labels),

@@ -3,14 +3,18 @@
 from __future__ import annotations
 
 import logging
+import math
 import time
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
+
+import numpy as np
 
 from ..discover import RunSpec, Source
 from ..errors import FmriDataError
 from ..config.recipe import Recipe, recipe_hash
 from ..read.remote import local_copies
+from ..resample.temporal import output_times
 from ..store.root import Store
 from ..store.layout import now, software_versions
 from .context import RunInputs
@@ -72,6 +76,14 @@ def _build(run: RunInputs) -> dict[str, Any] | None:
     if attrs is None:
         return None
     spec = run.spec
+    temporal = run.recipe["temporal"]
+    if "n_frames_source" in attrs:  # the run has time series (not only tables)
+        resampled = not math.isclose(attrs["tr_s"], attrs["source_tr_s"], rel_tol=1e-9)
+        times = (output_times(attrs["n_frames_source"], attrs["source_tr_s"], attrs["tr_s"], temporal["grid"])
+                 if resampled else np.arange(attrs["n_frames"]) * attrs["source_tr_s"])
+        attrs["temporal"] = {"grid": temporal["grid"], "interpolation": temporal["interpolation"],
+                             "antialias": temporal["antialias"],
+                             "frame_times_s": [round(float(v), 6) for v in times[: attrs["n_frames"]]]}
     attrs.update(
         run_id=spec.run_id,
         entities=spec.entities,

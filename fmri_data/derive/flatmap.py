@@ -13,10 +13,13 @@ arXiv 2510.13768):
 
 - Vertices are both hemispheres concatenated, left then right, in the surfaces' own
   order (``V = V_L + V_R``); vertices outside the flat patch get all-zero columns.
-- Flat coordinates in mm; the left hemisphere is moved so that its largest x is
-  ``-gap`` and the right one so that its smallest x is ``+gap``.
-- The patch keeps in-plane vertices (``|z| < 1e-5``) inside the cortex mask and the
-  triangles among them whose longest side is below ``edge_threshold_mm``.
+- Flat coordinates in mm; the left hemisphere is moved (not scaled) so that the largest x
+  of its whole flat surface is ``-gap`` and the right one so that its smallest x is
+  ``+gap`` (``stack_surfaces``: the shift is taken before any vertex is masked out).
+- The patch keeps in-plane vertices (``|z| < 1e-5``) inside the cortex mask (the
+  reference's vertex mask; all of them are interpolation points, even one left in no
+  kept triangle) and the triangles among them whose longest side is below
+  ``edge_threshold_mm``.
 - Pixel ``(i, j)`` samples the point ``(xmin + j * res, ymax - i * res)``: row 0 is
   the top of the image, ``W = round((xmax - xmin) / res)``, ``H = round((ymax - ymin) / res)``.
 - A pixel is valid when its point lies inside a patch triangle. Its value is linear
@@ -51,7 +54,7 @@ from ..errors import SettingError
 from ..resample.operator import PreparedOperator
 
 #: Bump when the operator numerics change, so that cached files are rebuilt.
-OPERATOR_VERSION = 1
+OPERATOR_VERSION = 2
 _IN_PLANE = 1e-5
 
 
@@ -99,8 +102,10 @@ def flat_patch(coords: np.ndarray, faces: np.ndarray, cortex: np.ndarray | None,
         edge_threshold_mm: drop triangles whose longest side (mm) is not below this; None keeps all.
 
     Returns:
-        ``keep (V,)`` bool vertices of the patch (in-plane, in cortex, in a kept triangle)
-        and ``faces (F', 3)`` int64 kept triangles (indices into the hemisphere's vertices).
+        ``keep (V,)`` bool vertices of the patch (in-plane and in cortex: the reference's
+        vertex mask, ``extract_valid_flat``) and ``faces (F', 3)`` int64 kept triangles
+        (all corners in ``keep``, longest side below the threshold; indices into the
+        hemisphere's vertices).
     """
     coords = np.asarray(coords, dtype=np.float64)
     faces = np.asarray(faces, dtype=np.int64)
@@ -112,21 +117,23 @@ def flat_patch(coords: np.ndarray, faces: np.ndarray, cortex: np.ndarray | None,
         xy = coords[:, :2]
         sides = np.stack([np.linalg.norm(xy[faces[:, k]] - xy[faces[:, (k + 1) % 3]], axis=1) for k in range(3)])
         faces = faces[sides.max(axis=0) < edge_threshold_mm]
-    used = np.zeros(len(coords), dtype=bool)
-    used[faces.ravel()] = True
-    return keep & used, faces
+    return keep, faces
 
 
-def place_hemispheres(xy_left: np.ndarray, xy_right: np.ndarray, gap_mm: float) -> tuple[np.ndarray, np.ndarray]:
+def place_hemispheres(xy_left: np.ndarray, xy_right: np.ndarray, gap_mm: float,
+                      extent: tuple[float, float] | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Shift the hemispheres along x: left max x = ``-gap_mm``, right min x = ``+gap_mm``.
 
     Args:
         xy_left, xy_right: ``(n, 2)`` patch coordinates (mm) of each hemisphere.
+        extent: ``(left max x, right min x)`` to align instead of the points' own (the whole
+            flat surfaces', as the reference shifts before masking); None = the points'.
     """
     left = np.array(xy_left, dtype=np.float64)
     right = np.array(xy_right, dtype=np.float64)
-    left[:, 0] -= left[:, 0].max() + gap_mm
-    right[:, 0] -= right[:, 0].min() - gap_mm
+    left_max, right_min = extent if extent is not None else (left[:, 0].max(), right[:, 0].min())
+    left[:, 0] -= left_max + gap_mm
+    right[:, 0] -= right_min - gap_mm
     return left, right
 
 
@@ -255,8 +262,9 @@ def layout(flats: dict[str, tuple[np.ndarray, np.ndarray]], cortex: dict[str, np
         gap_mm: half gap between hemispheres.
         edge_threshold_mm: see :func:`flat_patch`.
         bbox: ``(xmin, xmax, ymin, ymax)`` or None.
-        fit: ``"none"`` (place as is; pixels outside bbox are cut, the reference) or
-            ``"contain"`` (shrink uniformly, only if needed, so the patch fits the bbox, and
+        fit: ``"none"`` (place as is, aligned by the whole flat surfaces' extent; pixels
+            outside bbox are cut: the reference) or ``"contain"`` (opt-in: shrink uniformly,
+            only if needed, so the patch fits the bbox, aligned by the patch's own extent, and
             centre it vertically in the bbox).
     """
     patches = {h: flat_patch(*flats[h], cortex.get(h), edge_threshold_mm) for h in ("L", "R")}
@@ -266,7 +274,10 @@ def layout(flats: dict[str, tuple[np.ndarray, np.ndarray]], cortex: dict[str, np
         scale = contain_scale(xy["L"], xy["R"], gap_mm, bbox)
     elif fit not in ("none", "contain"):
         raise SettingError(f"unknown fit '{fit}' (none or contain)")
-    left, right = place_hemispheres(xy["L"] * scale, xy["R"] * scale, gap_mm)
+    extent = None
+    if fit == "none":  # the reference stacks the whole surfaces, then masks
+        extent = (float(np.max(flats["L"][0][:, 0])), float(np.min(flats["R"][0][:, 0])))
+    left, right = place_hemispheres(xy["L"] * scale, xy["R"] * scale, gap_mm, extent)
     points = np.vstack([left, right])
     if fit == "contain" and bbox is not None:
         points[:, 1] += 0.5 * (bbox[2] + bbox[3]) - 0.5 * (points[:, 1].min() + points[:, 1].max())

@@ -27,9 +27,50 @@ import numpy as np
 import scipy.sparse as sp
 
 from ..reference.atlases import Atlas, VolumeAtlas
-from ..errors import InputError
+from ..errors import InputError, SettingError
 from ..resample.spatial import nearest_index, resampling_matrix
 from ..reference.surfaces import load_mesh
+from .volume import normalize
+
+#: Values of recipe ``roi.normalization`` (per run, per parcel; see :func:`normalize_parcels`).
+PARCEL_NORMALIZATIONS = ("none", "zscore", "robust", "demean")
+
+
+def normalize_parcels(x: np.ndarray, kind: str) -> tuple[np.ndarray, dict, dict[str, np.ndarray]]:
+    """Per-run, per-parcel normalization of a parcel series (recipe ``roi.normalization``).
+
+    Every statistic is taken over the frames of this one run, column by column:
+
+    * ``none``: the parcel means as computed (float32).
+    * ``zscore``: ``(x - mean_t x) / std_t x`` (population std).
+    * ``robust``: ``(x - median_t x) / (Q75_t x - Q25_t x)`` (``np.percentile``, linear).
+    * ``demean``: ``x - mean_t x`` — BrainLM (vandijklab/BrainLM @ b591d88,
+      ``toolkit/BrainLM_Toolkit.py`` l.141-174): each parcel minus its mean over the run,
+      never divided; the mean is accumulated in float64.
+
+    A column with zero spread gets scale 1. Dataset-level statistics (fMRI-LM, Brain-JEPA,
+    BrainLM's constant median/IQR) are applied at load time, not here.
+
+    Args:
+        x: ``(T, R)`` parcel series.
+        kind: one of :data:`PARCEL_NORMALIZATIONS`.
+
+    Returns:
+        ``(y (T, R) float32, params, arrays)``: ``params`` ``{"kind": kind}``; ``arrays``
+        ``center`` (and ``scale`` unless ``demean``), ``(R,)`` float32, so that
+        ``x = y * scale + center``.
+
+    Raises:
+        SettingError: unknown ``kind``.
+    """
+    if kind == "demean":
+        x = np.asarray(x, dtype=np.float32)
+        center = x.mean(axis=0, dtype=np.float64)
+        y = (x.astype(np.float64) - center).astype(np.float32)
+        return y, {"kind": kind}, {"center": center.astype(np.float32)}
+    if kind not in PARCEL_NORMALIZATIONS:
+        raise SettingError(f"unknown ROI normalization {kind!r}; one of {', '.join(PARCEL_NORMALIZATIONS)}")
+    return normalize(x, kind)
 
 
 @dataclass

@@ -29,7 +29,9 @@ DataLoader's ``pin_memory`` pins it). Unpinned buffers are reused once nothing r
 batch any more (:mod:`.buffers`; in workers only under a :class:`WindowLoader`, which tells
 them), so decoding does not pay for page faults on fresh memory. The CPU does no arithmetic on the values:
 :meth:`WindowDataset.to_device` moves a batch to the GPU and converts it to float32 there,
-with optional frame-wise z-scoring and clamping.
+with optional frame-wise z-scoring (``normalize=True``) or the store's dataset statistics
+(``normalize="dataset"``: the kind of ``stats/<array>.json``, :mod:`fmri_data.stats`, e.g.
+fMRI-LM's ``(x - median) / iqr``), then clamping.
 """
 
 from __future__ import annotations
@@ -42,6 +44,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, IterableDataset, get_worker_info
 
+from ..stats import read_stats, stats_kind
 from .buffers import BufferPool, SlotTable, shared_empty
 from .index import WindowIndex
 from .order import epoch_order, rank_positions, worker_positions
@@ -156,6 +159,35 @@ class _Windows:
         self.index, self.layout = index, layout(layout_name)
         self.reader = WindowReader(index, on_error=on_error, mask=mask)
         self.codec = _targets_codec(index, tuple(targets))
+        self._stats: dict[str, Any] | None = None  # the store's dataset statistics, read on first use
+        self._stats_on: dict[str, dict[str, torch.Tensor]] = {}  # their parameters per device
+
+    def dataset_stats(self) -> dict[str, Any]:
+        """The store's statistics of the indexed array (``stats/<array>.json``), read once.
+
+        Raises:
+            StoreError: none stored, or stale (runs added or removed since; see :func:`fmri_data.stats.read_stats`).
+        """
+        if self._stats is None:
+            arrays = sorted({r.array for r in self.index.runs})
+            if len(arrays) != 1:
+                raise ValueError(f"{self.index.url}: the index mixes arrays {arrays}; dataset statistics are per array")
+            self._stats = read_stats(self.index.url, arrays[0], storage_options=self.index.storage_options)
+        return self._stats
+
+    def _stats_params(self, device: torch.device) -> dict[str, torch.Tensor]:
+        """The statistics' parameters as float32 tensors on ``device``, broadcastable against
+        ``data`` in this layout (a per-element parameter has a frame's shape)."""
+        key = str(device)
+        if key not in self._stats_on:
+            out = {}
+            for name, value in self.dataset_stats()["params"].items():
+                v = torch.as_tensor(np.asarray(value, dtype=np.float32), device=device)
+                if v.ndim:
+                    v = self.layout.mask_view(v.reshape(1, *self.frame_shape))
+                out[name] = v
+            self._stats_on[key] = out
+        return self._stats_on[key]
 
     def _alloc(self, n: int, pinned: bool) -> torch.Tensor:
         shape = (n, self.index.length, *self.frame_shape)
@@ -184,15 +216,27 @@ class _Windows:
             batch["targets"] = _encode_targets(self.codec, labels)
         return batch
 
-    def to_device(self, batch: dict[str, Any], device: str | torch.device, *, normalize: bool = False,
+    def to_device(self, batch: dict[str, Any], device: str | torch.device, *, normalize: bool | str = False,
                   clamp: float | None = None, non_blocking: bool = True) -> dict[str, Any]:
         """Move a batch's tensors to ``device``; ``data`` becomes float32 there, frame-z-scored
-        (inside ``mask`` when the batch has one) when ``normalize``, then clamped to
-        ``[-clamp, clamp]`` when given (see :func:`normalize_frames`)."""
+        (inside ``mask`` when the batch has one) when ``normalize`` is True, normalized with the
+        store's dataset statistics when ``normalize="dataset"`` (their kind's formula,
+        elementwise on the device; :meth:`dataset_stats`), then clamped to ``[-clamp, clamp]``
+        when given (see :func:`normalize_frames`).
+
+        Raises:
+            StoreError: ``normalize="dataset"`` and the statistics are missing or stale.
+        """
+        if normalize not in (True, False, "dataset"):
+            raise ValueError(f"normalize must be True, False or 'dataset', not {normalize!r}")
         out = {k: (v.to(device, non_blocking=non_blocking) if isinstance(v, torch.Tensor) else v) for k, v in batch.items()}
         if "targets" in batch:
             out["targets"] = {k: v.to(device, non_blocking=non_blocking) for k, v in batch["targets"].items()}
-        if normalize:
+        if normalize == "dataset":
+            data = out["data"].float()
+            data = stats_kind(self.dataset_stats()["kind"]).apply(data, self._stats_params(data.device))
+            out["data"] = data.clamp(-clamp, clamp) if clamp is not None else data
+        elif normalize:
             out["data"] = normalize_frames(out["data"], self.layout, out.get("mask"), clamp=clamp)
         else:
             data = out["data"].float()
@@ -257,6 +301,7 @@ class WindowDataset(_Windows, IterableDataset):
     def __getstate__(self) -> dict[str, Any]:
         state = dict(self.__dict__)
         state["_pools"] = (-1, None)  # buffers belong to the process that made them
+        state["_stats_on"] = {}  # device tensors stay in the process that made them
         return state
 
     # ------------------------------------------------------------------ order

@@ -12,6 +12,23 @@ one of three sources:
   ``events.tsv``), starting at ``round((onset + hrf_delay_s) / tr_s)``; events whose
   window would pass the end of the run are left out (and counted in ``dropped``).
 
+How a window's frames are cut (``window``; sliding windows only):
+
+- ``"contiguous"`` (default): frames ``[start, start + L)``;
+- ``"first"`` (fMRI-LM): one window per run, its first ``L`` frames; a run shorter than
+  ``L`` is upsampled to ``L`` frames by nearest neighbour as ``F.interpolate(x, size=L,
+  mode="nearest")`` does: frame ``i`` is source frame ``floor(i * T / L)``;
+- ``"evenly"`` (Brain-JEPA): one window per run, ``L`` frames evenly spaced over a clip of
+  ``clip`` frames: of the run's first ``keep`` frames (``T' = min(T, keep)``), frame ``i`` is
+  ``min(trunc(start + i * (clip - 1) / (L - 1)), T' - 1)``, i.e. ``torch.linspace(start,
+  start + clip - 1, L).clamp(0, T' - 1).long()``. The reference draws ``start`` uniformly in
+  ``[0, max(keep - clip, 0))`` at every read; here it is deterministic: ``0`` without
+  ``seed``, else ``u * max(keep - clip, 0)`` with ``u = sha256(f"{seed}:{run_id}") / 2**256``
+  (one start per run and seed; build the index with another seed to draw other clips).
+
+Such windows carry their frame numbers (:attr:`WindowIndex.frames`, ``(N, L)``); the reader
+reads the contiguous frames they span and gathers them (the store is never rewritten).
+
 Labels of a window: the run's BIDS entities (``sub``, ``ses``, ``task``, ``run``, ...),
 the subject's ``participants.tsv`` row (``sex``, ``age``, ``diagnosis``, ...; ``n/a`` is
 ``None``) and, for event-locked windows, the event's columns (``trial_type``, ``onset``,
@@ -42,6 +59,7 @@ from ..store.root import Store
 DEFAULT_HRF_DELAY_S = 5.0
 DEFAULT_FRACTIONS = {"train": 0.8, "val": 0.1, "test": 0.1}
 SOURCES = ("sliding", "saliency", "events")
+WINDOWS = ("contiguous", "first", "evenly")
 #: Entities that identify a run (in run_id order) for ``split_by="run"``.
 RUN_KEY_ENTITIES = ("sub", "ses", "task", "acq", "ce", "rec", "dir", "run", "echo")
 
@@ -83,6 +101,8 @@ class WindowIndex:
         event_labels: per-window event columns (event-locked windows), else empty dicts.
         dropped: ``{run_id: reason}`` for runs (or events) left out, with the reason.
         source: ``"sliding"``, ``"saliency"`` or ``"events"``.
+        frames: ``(N, L) int64`` frame numbers of each window when they are not
+            ``[start, start + L)`` (``window="first"`` / ``"evenly"``), else None.
     """
 
     url: str
@@ -94,6 +114,7 @@ class WindowIndex:
     event_labels: list[dict[str, Any]]
     source: str
     dropped: dict[str, str] = field(default_factory=dict)
+    frames: np.ndarray | None = None
 
     def __len__(self) -> int:
         return int(len(self.start))
@@ -128,6 +149,8 @@ class WindowIndex:
         digest.update(json.dumps([self.length, [(r.run_id, r.array) for r in self.runs]]).encode())
         digest.update(self.run.astype(np.int64).tobytes())
         digest.update(self.start.astype(np.int64).tobytes())
+        if self.frames is not None:
+            digest.update(self.frames.astype(np.int64).tobytes())
         return digest.hexdigest()[:16]
 
     def select(self, keep: np.ndarray) -> "WindowIndex":
@@ -136,6 +159,7 @@ class WindowIndex:
         return WindowIndex(
             self.url, self.storage_options, self.length, self.runs, self.run[keep], self.start[keep],
             [e for e, k in zip(self.event_labels, keep) if k], self.source, dict(self.dropped),
+            None if self.frames is None else self.frames[keep],
         )
 
     def split(self, name: str, *, by: str = "subject", seed: int = 0, fractions: dict[str, float] | None = None) -> "WindowIndex":
@@ -212,6 +236,33 @@ def event_starts(events: list[dict[str, Any]], tr_s: float, n_frames: int, lengt
     return np.asarray(starts, dtype=np.int64), rows, dropped
 
 
+def first_frames(n_frames: int, length: int) -> np.ndarray:
+    """fMRI-LM's window: the first ``length`` frames; a shorter run nearest-upsampled to
+    ``length`` (``F.interpolate(mode="nearest")``: frame ``i`` <- ``floor(i * T / length)``)."""
+    if n_frames < 1 or length < 1:
+        raise ValueError(f"need n_frames >= 1 and length >= 1 (got {n_frames}, {length})")
+    i = np.arange(length, dtype=np.int64)
+    return i if n_frames >= length else (i * n_frames) // length
+
+
+def evenly_frames(n_frames: int, length: int, clip: int, keep: int | None = None, start: float = 0.0) -> np.ndarray:
+    """Brain-JEPA's window: ``linspace(start, start + clip - 1, length)`` truncated to integers
+    and clamped to the first ``min(n_frames, keep)`` frames."""
+    if n_frames < 1 or length < 2 or clip < 1:
+        raise ValueError(f"need n_frames >= 1, length >= 2, clip >= 1 (got {n_frames}, {length}, {clip})")
+    ncols = min(n_frames, keep) if keep else n_frames
+    positions = np.linspace(start, start + clip - 1, length)
+    return np.clip(np.trunc(positions), 0, ncols - 1).astype(np.int64)
+
+
+def evenly_start(run_id: str, clip: int, keep: int | None, n_frames: int, seed: int | None) -> float:
+    """The clip's start: 0 without seed, else ``u * max(keep - clip, 0)``, ``u`` from sha256(seed:run_id)."""
+    if seed is None:
+        return 0.0
+    u = int(hashlib.sha256(f"{seed}:{run_id}".encode()).hexdigest(), 16) / 2.0**256
+    return u * max((keep or n_frames) - clip, 0)
+
+
 def _resolve_array(array: str, outputs: list[str], group) -> str | None:
     if array == "roi":
         return next((o for o in outputs if o.startswith("roi/")), None)
@@ -230,6 +281,10 @@ def build_index(
     run_ids: Iterable[str] | None = None,
     where: dict[str, Any] | None = None,
     storage_options: dict[str, Any] | None = None,
+    window: str = "contiguous",
+    clip: int | None = None,
+    keep: int | None = None,
+    seed: int | None = None,
 ) -> WindowIndex:
     """Index the windows of a store.
 
@@ -246,6 +301,12 @@ def build_index(
         where: keep runs whose labels equal these values (``{"task": "objectviewing"}``;
             a list/tuple/set value means any of them).
         storage_options: fsspec options.
+        window: ``"contiguous"`` (default), ``"first"`` (fMRI-LM: the first ``length``
+            frames, shorter runs nearest-upsampled) or ``"evenly"`` (Brain-JEPA: ``length``
+            frames evenly spaced over ``clip`` frames of the first ``keep``); the last two
+            give one window per run and need ``source="sliding"`` (see the module doc).
+        clip, keep, seed: ``window="evenly"`` only: clip length (default ``length``), frames
+            kept (default all), and the seed of the clip's start (None: start 0).
 
     Returns:
         :class:`WindowIndex` (windows in run-id, then start order; saliency windows in
@@ -260,12 +321,16 @@ def build_index(
         raise ValueError(f"window source '{source}' is not one of {SOURCES}")
     if source == "saliency" and not scorer:
         raise ValueError("source='saliency' needs a scorer name")
+    if window not in WINDOWS:
+        raise ValueError(f"window '{window}' is not one of {WINDOWS}")
+    if window != "contiguous" and source != "sliding":
+        raise ValueError(f"window='{window}' cuts one window per run; use it with source='sliding'")
     stride = int(stride or length)
     sliding_starts(length, length, stride)  # checks length and stride
     store = Store.open(url, storage_options)
     wanted = list(run_ids) if run_ids is not None else store.run_ids()
     runs: list[RunEntry] = []
-    run_col, start_col, events_col = [], [], []
+    run_col, start_col, events_col, frames_col = [], [], [], []
     dropped: dict[str, str] = {}
     for run_id in wanted:
         attrs = store.run_attrs(run_id)
@@ -282,7 +347,14 @@ def build_index(
             raise StoreError(f"{store.url}/{RUNS}/{run_id}/{key}: shape {arr.shape} is not time-first with {attrs['n_frames']} frames")
         n_frames, tr_s = int(arr.shape[0]), float(attrs["tr_s"])
         rows: list[dict[str, Any]] = []
-        if source == "sliding":
+        if window == "first":
+            frames_col.append(first_frames(n_frames, length)[None])
+            starts = frames_col[-1][:, 0].copy()
+        elif window == "evenly":
+            c = int(clip or length)
+            frames_col.append(evenly_frames(n_frames, length, c, keep, evenly_start(run_id, c, keep, n_frames, seed))[None])
+            starts = frames_col[-1][:, 0].copy()
+        elif source == "sliding":
             starts = sliding_starts(n_frames, length, stride)
         elif source == "saliency":
             path = f"saliency/{scorer}"
@@ -322,4 +394,5 @@ def build_index(
         np.concatenate(run_col) if run_col else np.zeros(0, dtype=np.int32),
         np.concatenate(start_col) if start_col else np.zeros(0, dtype=np.int64),
         events_col, source, dropped,
+        (np.concatenate(frames_col) if frames_col else np.zeros((0, int(length)), dtype=np.int64)) if window != "contiguous" else None,
     )

@@ -138,8 +138,17 @@ class WindowReader:
         rest = "/".join("0" for _ in entry.frame_shape)
         return f"{RUNS}/{entry.run_id}/{entry.array}/c/{t}" + (f"/{rest}" if rest else "")
 
+    def _span(self, i: int) -> tuple[np.ndarray | None, int, int]:
+        """Window ``i``'s frame numbers (None when contiguous) and the frames ``[start, stop)`` it spans."""
+        frames = self.index.frames[i] if self.index.frames is not None else None
+        if frames is None:
+            start = int(self.index.start[i])
+            return None, start, start + self.index.length
+        return frames, int(frames.min()), int(frames.max()) + 1
+
     def read(self, i: int, out: np.ndarray | None = None) -> np.ndarray | None:
-        """Frames ``[start, start + L)`` of window ``i``, shape ``(L, *frame_shape)``, stored dtype.
+        """Frames ``[start, start + L)`` of window ``i`` (or its frame numbers, ``index.frames``:
+        the frames they span are read, then gathered), shape ``(L, *frame_shape)``, stored dtype.
 
         Args:
             i: window number in the index.
@@ -152,9 +161,20 @@ class WindowReader:
         Raises:
             ChunkError: a needed shard file is missing or a chunk is corrupt (``on_error="raise"``).
         """
-        r, start = int(self.index.run[i]), int(self.index.start[i])
-        entry, length = self.index.runs[r], self.index.length
-        stop = start + length
+        r = int(self.index.run[i])
+        entry = self.index.runs[r]
+        frames, start, stop = self._span(i)
+        if frames is not None:
+            window = self._read_span(i, r, entry, start, stop, None)
+            if window is None:
+                return None
+            if out is None:
+                return window[frames - start]
+            np.take(window, frames - start, axis=0, out=out)
+            return out
+        return self._read_span(i, r, entry, start, stop, out)
+
+    def _read_span(self, i: int, r: int, entry, start: int, stop: int, out: np.ndarray | None) -> np.ndarray | None:
         try:
             array = self._array(r)
             for t in range(start // entry.shard_frames, (stop - 1) // entry.shard_frames + 1):
@@ -201,12 +221,12 @@ class WindowReader:
         """Start reading window ``i``'s chunk bytes into the page cache in the background
         (local stores that :mod:`.chunks` decodes directly; otherwise nothing). Never raises:
         a window that cannot be read fails, with its :class:`ChunkError`, when it is read."""
-        r, start = int(self.index.run[i]), int(self.index.start[i])
+        r = int(self.index.run[i])
+        _, start, stop = self._span(i)
         try:
             self._array(r)
             if self._layouts[r] is None or not self._local:
                 return
-            stop = start + self.index.length
             missing = self._missing[r]
             for _, t, offset, nbytes in chunk_spans(lambda t: self._shard_index(r, t), self._layouts[r], start, stop):
                 if t not in missing and offset != EMPTY:

@@ -217,6 +217,9 @@ def _volume_figures(group, attrs, carpet_rows: int) -> list[dict[str, str]]:
         vol = np.zeros(mask.size)
         vol[index] = values
         volumes[name] = vol.reshape(mask.shape)
+    if attrs["volume"].get("orientation", "RAS") == "LAS":  # stored x runs right -> left: show as RAS+
+        mask = mask[::-1]
+        volumes = {name: vol[::-1] for name, vol in volumes.items()}
     grid = "x".join(str(s) for s in mask.shape)
     return [
         {"title": f"Temporal mean (stored grid {grid})", "png": mosaic(volumes["mean"], mask, "mean")},

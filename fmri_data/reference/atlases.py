@@ -9,8 +9,17 @@ name                          R     parcels, in order
 ``schaefer400_17n``           400   Schaefer et al. 2018, 400 parcels, 17-network order
 ``tian_s3``                   50    Tian et al. 2020 subcortex, scale III
 ``a424``                      424   A424 (BrainLM), cortical grey matter expanded 2 mm
-``tian_s3+schaefer400_7n``    450   Tian S3 first, then Schaefer-400 (Brain-JEPA, fMRI-LM)
+``tian_s3+schaefer400_7n``    450   Tian S3 first, then Schaefer-400 7-network (fMRI-LM)
+``tian_s3+schaefer400_17n``   450   Tian S3 first, then Schaefer-400 17-network (Brain-JEPA)
 ============================  ====  ===========================================================
+
+fMRI-LM (yuxiangwei0808/fMRI-LM @ 037dcf9) reads one atlas file,
+``Schaefer2018_400Parcels_7Networks_order_Tian_Subcortex_S3``: the 50 Tian S3 parcels, then
+the 400 Schaefer parcels in 7-network order. Brain-JEPA (Eric-LRL/Brain-JEPA @ b1dfa93,
+``src/datasets/ukbiobank_scale.py`` l.50-63) uses Tian S3 then Schaefer-400 in 17-network
+order. Composites keep each component's own label order (Tian S3 by ``index`` of its
+``_dseg.tsv``, Schaefer by line of its ``_labels.txt``) and their store key is
+:func:`fmri_data.store.layout.roi_key` (``+`` -> ``-``).
 
 Any ``a+b+...`` of registered names concatenates their parcels in that order. A path to a
 ``*_dseg.nii.gz`` file is accepted too (labels from a BIDS ``*_dseg.tsv`` beside it).

@@ -56,20 +56,78 @@ class Grid:
             mask[tuple(slice(lo, hi) for lo, hi in self.box)] = True
         return mask
 
-    def crop_or_pad(self, shape: tuple[int, int, int]) -> "Grid":
+    def crop_or_pad(self, shape: tuple[int, int, int], orientation: str = "RAS") -> "Grid":
         """Center crop/pad to ``shape`` keeping world positions.
 
-        New voxel 0 on each axis is old voxel ``(old - new) // 2``: 91 -> 96 pads 3 voxels
-        before and 2 after; 109 -> 96 crops 6 before and 7 after.
+        In the array order ``orientation`` (the order the volume is stored in), new voxel 0
+        on each axis is old voxel ``(old - new) // 2``: 91 -> 96 pads 3 voxels before and 2
+        after; 109 -> 96 crops 6 before and 7 after — NeuroSTORM's ``select_middle_96``
+        (start ``(dim - 96) // 2``) and ``pad_to_96`` (``ceil(pad / 2)`` before). With
+        ``"LAS"`` "before" on x is the right side, so in this (RAS+) grid the x offset is
+        ``ceil((old - new) / 2)``: 91 -> 96 pads 2 voxels on the left and 3 on the right.
+
+        Raises:
+            RecipeError: unknown orientation.
         """
         shape = tuple(int(s) for s in shape)
+        if orientation not in ORIENTATIONS:
+            raise RecipeError(f"unknown orientation {orientation!r}: {' | '.join(ORIENTATIONS)}")
         offset = np.array([(o - n) // 2 for o, n in zip(self.shape, shape)], dtype=np.float64)
+        if orientation == "LAS":
+            offset[0] = -((shape[0] - self.shape[0]) // 2)  # ceil((old - new) / 2)
         shift = np.eye(4)
         shift[:3, 3] = offset
         box = tuple(
             (int(max(0, -off)), int(min(n, o - off))) for off, o, n in zip(offset.astype(int), self.shape, shape)
         )
         return Grid.from_affine(shape, self.affine @ shift, self.space, box)
+
+
+#: Stored voxel orders: RAS+ (this project's) or LAS (x runs right -> left: FSL/HCP MNI
+#: files as on disk, what NeuroSTORM's released weights were trained on).
+ORIENTATIONS = ("RAS", "LAS")
+
+
+def stored_affine(affine: np.ndarray, shape: tuple[int, int, int], orientation: str) -> np.ndarray:
+    """The affine of a RAS+ grid's volume stored in ``orientation`` order.
+
+    For ``"LAS"`` the stored x index is ``X - 1 - i``, so the stored affine is
+    ``affine @ F`` with ``F`` flipping x: it maps stored indices to the same mm.
+
+    Args:
+        affine: 4x4 RAS+ voxel -> world (mm).
+        shape: ``(X, Y, Z)``.
+        orientation: ``"RAS"`` (returned unchanged) or ``"LAS"``.
+
+    Returns:
+        4x4 float64.
+
+    Raises:
+        RecipeError: unknown orientation.
+    """
+    if orientation not in ORIENTATIONS:
+        raise RecipeError(f"unknown orientation {orientation!r}: {' | '.join(ORIENTATIONS)}")
+    affine = np.asarray(affine, dtype=np.float64)
+    if orientation == "RAS":
+        return affine.copy()
+    flip = np.eye(4)
+    flip[0, 0], flip[0, 3] = -1.0, float(shape[0] - 1)
+    return affine @ flip
+
+
+def to_orientation(volume: np.ndarray, orientation: str, x_axis: int = 0) -> np.ndarray:
+    """A RAS+ array in ``orientation`` order (or back: the flip is its own inverse).
+
+    Args:
+        volume: array whose axis ``x_axis`` is x (e.g. ``(X, Y, Z)`` or ``(T, X, Y, Z)`` with 1).
+        orientation: ``"RAS"`` (unchanged) or ``"LAS"`` (x reversed; a view).
+
+    Raises:
+        RecipeError: unknown orientation.
+    """
+    if orientation not in ORIENTATIONS:
+        raise RecipeError(f"unknown orientation {orientation!r}: {' | '.join(ORIENTATIONS)}")
+    return np.flip(volume, axis=x_axis) if orientation == "LAS" else volume
 
 
 # TemplateFlow grids, RAS+ voxel order: (shape, origin of voxel 0 in mm) per resolution label.

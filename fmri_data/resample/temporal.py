@@ -1,20 +1,51 @@
 """Temporal (TR) resampling of ``(T, N)`` series: voxels, vertices or parcels.
 
-Method: output frame ``j`` sits at time ``j * tr_out`` (the first frame of the run is at
-0 s in both grids). When the target TR is longer than the source TR the series is first
-low-pass filtered with a zero-phase windowed-sinc FIR whose cutoff is the output Nyquist
-frequency — the same filter design as ``scipy.signal.resample_poly`` (Kaiser window,
-beta 5, half-length 10 x the decimation factor), applied once, with odd-reflection
-padding at the ends (as ``scipy.signal.filtfilt`` pads) so that linear trends are kept.
-The (filtered) series is then interpolated at the output times, linearly or with a
-not-a-knot cubic spline (``scipy.interpolate.CubicSpline``).
+Source frame ``k`` sits at ``k * tr_in`` seconds. Where the output frames sit is the
+*grid* (:func:`output_times`); each model's released preprocessing has its own:
 
-Filtering and interpolation are both linear and act on every column alike, so the whole
+``exact`` (this project's)
+    frame ``j`` at ``j * tr_out``, every output time within the source span:
+    ``floor((T - 1) * tr_in / tr_out) + 1`` frames.
+``neurostorm``
+    ``T_out = max(round(T * tr_in / tr_out), 1)`` frames (``np.round``: halves to even),
+    sampled as ``torch.nn.functional.interpolate(mode="linear", align_corners=False)``
+    does: frame ``j`` at source position ``(j + 0.5) * T / T_out - 0.5`` clamped to
+    ``[0, T - 1]`` (CUHK-AIM-Group/NeuroSTORM ``datasets/preprocessing_volume.py``
+    l.61-76 at a8dc38f).
+``fmri_lm``
+    ``dur = (T - 1) * tr_in``, ``round(dur / tr_out) + 1`` frames evenly spaced over
+    ``[0, dur]`` (``np.linspace``), so the spacing is only close to ``tr_out``
+    (yuxiangwei0808/fMRI-LM ``nbs_data/temporal_resample.py`` l.143-182 at 037dcf9).
+``fmri_fm``
+    ``int(T * tr_in / tr_out)`` frames at ``j * tr_out`` (the last may lie past the
+    source span: extrapolated) (MedARC-AI/fmri-fm ``src/data/surface_utils.py``
+    ``resample_timeseries`` l.379-417 at 6a2c3c6).
+
+Anti-aliasing when the target TR is longer than the source TR (``antialias``):
+
+``True`` (this project's)
+    a zero-phase windowed-sinc FIR whose cutoff is the output Nyquist frequency — the
+    filter design of ``scipy.signal.resample_poly`` (Kaiser window, beta 5, half-length
+    10 x the decimation factor), applied once with odd-reflection padding (as
+    ``scipy.signal.filtfilt`` pads) so that linear trends are kept.
+``"cheby1"`` (fmri-fm's)
+    ``scipy.signal.cheby1(8, 0.05, 0.8 / q, output="sos")`` with ``q = tr_out / tr_in``,
+    applied forward and backward (``sosfiltfilt``, ``padtype="even"``).
+``False``
+    none (NeuroSTORM, fMRI-LM).
+
+The (filtered) series is then interpolated at the output times: ``linear``
+(``interp1d``), ``cubic`` (not-a-knot ``CubicSpline``) or ``pchip``
+(``PchipInterpolator``, extrapolating; fmri-fm's).
+
+Every combination but ``pchip`` is linear and acts on every column alike, so the whole
 resampling of a ``T``-frame series is one ``(T_out, T)`` matrix. The fast path builds
 that matrix by running the scipy reference on the columns of the identity (once per
 ``T``, TRs and settings; cached), drops entries below ``1e-9`` (the cubic spline's
 weights decay by ~0.27 per frame), and applies it to all voxels with the shared sparse
-kernel of :mod:`fmri_data.resample.operator` (numba on CPU, torch on CUDA).
+kernel of :mod:`fmri_data.resample.operator` (numba on CPU, torch on CUDA). PCHIP's
+slopes depend on the data, so ``pchip`` always runs the scipy reference, in blocks of
+columns.
 """
 
 from __future__ import annotations
@@ -30,9 +61,48 @@ from ..errors import SettingError
 from .operator import PreparedOperator
 
 
-def n_output_frames(n_frames: int, tr_in: float, tr_out: float) -> int:
-    """Frames of the resampled series: every output time within the source span."""
-    return int(math.floor((n_frames - 1) * tr_in / tr_out + 1e-9)) + 1
+GRIDS = ("exact", "neurostorm", "fmri_lm", "fmri_fm")
+KINDS = ("linear", "cubic", "pchip")
+ANTIALIAS = (True, False, "cheby1")
+#: Columns per block of the ``pchip`` path (bounds its float64 working memory).
+PCHIP_BLOCK = 8192
+
+
+def n_output_frames(n_frames: int, tr_in: float, tr_out: float, grid: str = "exact") -> int:
+    """Frames of the resampled series on ``grid`` (see the module docstring).
+
+    Raises:
+        SettingError: unknown ``grid``.
+    """
+    if grid == "exact":
+        return int(math.floor((n_frames - 1) * tr_in / tr_out + 1e-9)) + 1
+    if grid == "neurostorm":
+        return max(int(np.round(n_frames * tr_in / tr_out)), 1)
+    if grid == "fmri_lm":
+        return int(np.round((n_frames - 1) * tr_in / tr_out)) + 1
+    if grid == "fmri_fm":
+        return int(n_frames * tr_in / tr_out)
+    raise SettingError(f"unknown temporal grid {grid!r}; one of {', '.join(GRIDS)}")
+
+
+def output_times(n_frames: int, tr_in: float, tr_out: float, grid: str = "exact") -> np.ndarray:
+    """Times in seconds of the output frames, source frame ``k`` at ``k * tr_in``.
+
+    Returns:
+        float64 ``(T_out,)``, ``T_out = n_output_frames(n_frames, tr_in, tr_out, grid)``.
+
+    Raises:
+        SettingError: unknown ``grid``.
+    """
+    n = n_output_frames(n_frames, tr_in, tr_out, grid)
+    if grid == "exact":
+        return np.minimum(np.arange(n) * tr_out, (n_frames - 1) * tr_in)
+    if grid == "neurostorm":
+        position = (np.arange(n) + 0.5) * (n_frames / n) - 0.5
+        return np.clip(position, 0.0, n_frames - 1) * tr_in
+    if grid == "fmri_lm":
+        return np.linspace(0.0, (n_frames - 1) * tr_in, n)
+    return np.arange(n) * tr_out
 
 
 def antialias_filter(tr_in: float, tr_out: float) -> np.ndarray | None:
@@ -60,9 +130,10 @@ def resample_tr(
     tr_in: float,
     tr_out: float,
     kind: str = "linear",
-    antialias: bool = True,
+    antialias: bool | str = True,
     method: str = "auto",
     device: str = "auto",
+    grid: str = "exact",
 ) -> np.ndarray:
     """Resample a series from repetition time ``tr_in`` to ``tr_out`` (both seconds).
 
@@ -70,54 +141,67 @@ def resample_tr(
         x: ``(T, N)`` (or ``(T,)``) series, time first.
         tr_in: source TR in seconds.
         tr_out: target TR in seconds.
-        kind: ``"linear"`` or ``"cubic"`` (not-a-knot cubic spline).
-        antialias: low-pass filter at the output Nyquist frequency when ``tr_out > tr_in``.
+        kind: ``"linear"``, ``"cubic"`` (not-a-knot cubic spline) or ``"pchip"``.
+        antialias: ``True`` (windowed-sinc FIR), ``"cheby1"`` (fmri-fm's Chebyshev I) or
+            ``False``; filters only when ``tr_out > tr_in``.
         method: ``"auto"`` / ``"numba"`` / ``"torch"`` / ``"sparse"`` apply the cached
             ``(T_out, T)`` operator (:func:`temporal_operator`) with that backend (see
             :func:`fmri_data.resample.operator.resolve_backend`); ``"reference"`` runs
-            scipy on the series itself.
+            scipy on the series itself (always so for ``pchip``).
         device: ``"auto"`` (CUDA when present), ``"cpu"`` or ``"cuda"``.
+        grid: where the output frames sit (:func:`output_times`).
 
     Returns:
-        float32 ``(T_out, N)`` with ``T_out = n_output_frames(T, tr_in, tr_out)``; ``x``
-        itself (as float32) when the TRs are equal.
+        float32 ``(T_out, N)`` with ``T_out = n_output_frames(T, tr_in, tr_out, grid)``;
+        ``x`` itself (as float32) when the TRs are equal.
 
     Raises:
-        SettingError: non-positive TR, fewer than 2 frames, unknown ``kind``, ``method`` or
-            ``device``.
+        SettingError: non-positive TR, fewer than 2 frames, unknown ``kind``,
+            ``antialias``, ``grid``, ``method`` or ``device``.
     """
-    _check(x, tr_in, tr_out, kind)
+    _check(x, tr_in, tr_out, kind, antialias, grid)
     if math.isclose(tr_in, tr_out, rel_tol=1e-9):
         return np.array(x, dtype=np.float32)  # a copy, as the resampled series would be
-    if method == "reference":
-        return resample_tr_reference(x, tr_in, tr_out, kind, antialias)
+    if method == "reference" or kind == "pchip":
+        return resample_tr_reference(x, tr_in, tr_out, kind, antialias, grid)
     series = np.asarray(x)
-    matrix = temporal_operator(series.shape[0], float(tr_in), float(tr_out), kind, bool(antialias))
+    matrix = temporal_operator(series.shape[0], float(tr_in), float(tr_out), kind, antialias, grid)
     out = PreparedOperator(matrix, method, device)(series.reshape(series.shape[0], -1))
     return out.reshape((matrix.shape[0],) + series.shape[1:])
 
 
-def _check(x, tr_in: float, tr_out: float, kind: str) -> None:
+def _check(x, tr_in: float, tr_out: float, kind: str, antialias: bool | str = True, grid: str = "exact") -> None:
     if tr_in <= 0 or tr_out <= 0:
         raise SettingError(f"TRs must be positive, got {tr_in} -> {tr_out}")
-    if kind not in ("linear", "cubic"):
-        raise SettingError(f"kind must be 'linear' or 'cubic', got {kind!r}")
+    if kind not in KINDS:
+        raise SettingError(f"kind must be one of {', '.join(KINDS)}, got {kind!r}")
+    if not any(antialias is a or (isinstance(a, str) and antialias == a) for a in ANTIALIAS):
+        raise SettingError(f"antialias must be true, false or 'cheby1', got {antialias!r}")
+    if grid not in GRIDS:
+        raise SettingError(f"unknown temporal grid {grid!r}; one of {', '.join(GRIDS)}")
     if np.shape(x)[0] < 2:
         raise SettingError("temporal resampling needs at least 2 frames")
 
 
 @functools.lru_cache(maxsize=64)
-def temporal_operator(n_frames: int, tr_in: float, tr_out: float, kind: str = "linear", antialias: bool = True) -> sp.csr_matrix:
+def temporal_operator(n_frames: int, tr_in: float, tr_out: float, kind: str = "linear", antialias: bool | str = True,
+                      grid: str = "exact") -> sp.csr_matrix:
     """``(T_out, T)`` CSR float64 matrix ``R`` with ``R @ x == resample_tr_reference(x, ...)``.
 
     Built by applying :func:`resample_tr_reference` (in float64) to the identity, 512
     columns at a time; entries with magnitude below 1e-9 are dropped. Cached per arguments.
+
+    Raises:
+        SettingError: ``kind="pchip"`` (not linear: no matrix), or an unknown setting.
     """
+    _check(np.zeros(n_frames), tr_in, tr_out, kind, antialias, grid)
+    if kind == "pchip":
+        raise SettingError("pchip interpolation depends on the data: it has no operator matrix")
     blocks = []
     for c0 in range(0, n_frames, 512):
         eye = np.zeros((n_frames, min(512, n_frames - c0)))
         eye[np.arange(c0, c0 + eye.shape[1]), np.arange(eye.shape[1])] = 1.0
-        block = _reference(eye, tr_in, tr_out, kind, antialias)
+        block = _reference(eye, tr_in, tr_out, kind, antialias, grid)
         block[np.abs(block) < 1e-9] = 0.0
         blocks.append(sp.csc_matrix(block))
     matrix = sp.hstack(blocks).tocsr()
@@ -125,22 +209,40 @@ def temporal_operator(n_frames: int, tr_in: float, tr_out: float, kind: str = "l
     return matrix
 
 
-def resample_tr_reference(x: np.ndarray, tr_in: float, tr_out: float, kind: str = "linear", antialias: bool = True) -> np.ndarray:
-    """The scipy implementation (``method="reference"`` of :func:`resample_tr`); float32 out."""
-    _check(x, tr_in, tr_out, kind)
-    series = np.asarray(x, dtype=np.float64)
+def resample_tr_reference(x: np.ndarray, tr_in: float, tr_out: float, kind: str = "linear",
+                          antialias: bool | str = True, grid: str = "exact") -> np.ndarray:
+    """The scipy implementation (``method="reference"`` of :func:`resample_tr`); float32 out.
+
+    Columns are processed in blocks of :data:`PCHIP_BLOCK` (each column is independent).
+    """
+    _check(x, tr_in, tr_out, kind, antialias, grid)
+    series = np.asarray(x)
     if math.isclose(tr_in, tr_out, rel_tol=1e-9):
         return series.astype(np.float32)
-    return _reference(series, tr_in, tr_out, kind, antialias).astype(np.float32)
+    flat = series.reshape(series.shape[0], -1)
+    out = np.empty((n_output_frames(flat.shape[0], tr_in, tr_out, grid), flat.shape[1]), dtype=np.float32)
+    for c0 in range(0, flat.shape[1], PCHIP_BLOCK):
+        block = np.asarray(flat[:, c0:c0 + PCHIP_BLOCK], dtype=np.float64)
+        out[:, c0:c0 + PCHIP_BLOCK] = _reference(block, tr_in, tr_out, kind, antialias, grid)
+    return out.reshape(out.shape[:1] + series.shape[1:])
 
 
-def _reference(series: np.ndarray, tr_in: float, tr_out: float, kind: str, antialias: bool) -> np.ndarray:
-    taps = antialias_filter(tr_in, tr_out) if antialias else None
-    if taps is not None:
-        series = lowpass(series, taps)
+def _reference(series: np.ndarray, tr_in: float, tr_out: float, kind: str, antialias: bool | str,
+               grid: str = "exact") -> np.ndarray:
+    if antialias == "cheby1":
+        q = tr_out / tr_in
+        if q > 1.0 + 1e-9:
+            sos = signal.cheby1(8, 0.05, 0.8 / q, output="sos")
+            series = signal.sosfiltfilt(sos, series, axis=0, padtype="even")
+    elif antialias:
+        taps = antialias_filter(tr_in, tr_out)
+        if taps is not None:
+            series = lowpass(series, taps)
     t_in = np.arange(series.shape[0]) * tr_in
-    t_out = np.arange(n_output_frames(series.shape[0], tr_in, tr_out)) * tr_out
-    t_out = np.minimum(t_out, t_in[-1])
+    t_out = output_times(series.shape[0], tr_in, tr_out, grid)
     if kind == "linear":
-        return interpolate.interp1d(t_in, series, axis=0, kind="linear", assume_sorted=True)(t_out)
-    return interpolate.CubicSpline(t_in, series, axis=0, bc_type="not-a-knot")(t_out)
+        return interpolate.interp1d(t_in, series, axis=0, kind="linear", assume_sorted=True,
+                                    fill_value="extrapolate")(t_out)
+    if kind == "cubic":
+        return interpolate.CubicSpline(t_in, series, axis=0, bc_type="not-a-knot")(t_out)
+    return interpolate.PchipInterpolator(t_in, series, axis=0, extrapolate=True)(t_out)

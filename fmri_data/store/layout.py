@@ -21,6 +21,9 @@ Layout (``schemas/store.schema.json`` and ``schemas/run.schema.json`` are the co
             topk              (k,) int64, indices into scores/starts, best first
             censored          (n_windows,) int64, *_motion_penalized scorers only
       models/saliency/<name>.safetensors   fitted saliency networks (root attrs saliency_models)
+      stats/<array>.json      dataset statistics of an array (`fmri-data stats`; fmri_data/stats.py):
+                              kind, params, the run ids and recipe hash covered ($defs/stats of
+                              store.schema.json); written whole, atomically (Store.write_bytes)
       index.parquet           one row per run (complete, failed, skipped), rebuilt after a conversion
       qa.parquet              one row per complete run: entities and scalar QA metrics
       _staging/               runs being written; groups replacing parts of a committed run
@@ -75,6 +78,27 @@ INDEX = "index.parquet"
 QA_TABLE = "qa.parquet"
 SALIENCY = "saliency"
 SALIENCY_MODELS = "models/saliency"
+#: Everything fmri-data writes at the top of a store (plus ``*.tmp`` files of atomic writes
+#: cut short); ``--overwrite`` deletes a store only when it holds nothing else.
+TOP_LEVEL = ("zarr.json", RUNS, STAGING, CLAIMS, INDEX, QA_TABLE, "models", "stats")
+
+
+def foreign_entries(fs, path: str) -> list[str]:
+    """Paths under a store root that fmri-data does not write: top-level names outside
+    :data:`TOP_LEVEL` and anything directly in ``runs/`` that is not a group (a folder with a
+    ``zarr.json``) or its ``zarr.json``. Sorted, relative to ``path``."""
+    root = path.rstrip("/")
+    out = []
+    for entry in fs.ls(root, detail=False):
+        name = entry.rstrip("/").rsplit("/", 1)[-1]
+        if name not in TOP_LEVEL and not name.endswith(".tmp"):
+            out.append(name)
+    if fs.isdir(f"{root}/{RUNS}"):
+        for entry in fs.ls(f"{root}/{RUNS}", detail=False):
+            name = entry.rstrip("/").rsplit("/", 1)[-1]
+            if name != "zarr.json" and not (fs.isdir(entry) and fs.exists(f"{entry.rstrip('/')}/zarr.json")):
+                out.append(f"{RUNS}/{name}")
+    return sorted(out)
 
 _SOFTWARE = ("fmri-data", "numpy", "scipy", "nibabel", "nilearn", "zarr", "dask", "numba", "bids2table")
 

@@ -20,7 +20,7 @@ from ..errors import StoreError
 from ..config.schema import SCHEMA_VERSION, to_json, validate
 
 from . import replace
-from .layout import CLAIMS, INDEX, RUNS, STAGING, is_local, now, software_versions
+from .layout import CLAIMS, INDEX, RUNS, STAGING, foreign_entries, is_local, now, software_versions
 from .writer import RunWriter
 
 #: A claim not refreshed for this long is considered abandoned (seconds; $FMRI_DATA_CLAIM_TIMEOUT_S).
@@ -66,17 +66,13 @@ class Store:
         """
         store = cls(url, storage_options)
         existing = store._read_root_attrs()
-        if existing is not None and overwrite:
-            store.fs.rm(store.path, recursive=True)
-            existing = None
         if existing is not None:
-            validate(existing, "store", store.url)
-            if existing["recipe_hash"] != recipe_hash:
-                raise StoreError(
-                    f"{store.url}: written with recipe '{existing['recipe'].get('name')}' ({existing['recipe_hash']}), "
-                    f"not '{recipe.get('name')}' ({recipe_hash}); pass --overwrite to replace it or choose another output"
-                )
-            return store
+            store._check_root_attrs(existing)
+            if overwrite:
+                store._remove_store()
+                existing = None
+        if existing is not None:
+            return store._join(existing, recipe, recipe_hash)
         if store.fs.exists(store.path) and store.fs.ls(store.path):
             raise StoreError(f"{store.url}: exists and is not an fmri-data store; refusing to write into it")
         attrs = to_json(
@@ -90,13 +86,65 @@ class Store:
             }
         )
         validate(attrs, "store", store.url)
+        meta = json.dumps({"zarr_format": 3, "node_type": "group", "attributes": attrs}).encode()
         try:
-            root = zarr.open_group(store=store.zarr_store, mode="w", attributes=attrs)
+            store.fs.makedirs(store.path, exist_ok=True)
+            # create-if-absent: of converters started together on a new path, one creates the
+            # store and the others join it (an O_EXCL create locally, If-None-Match on S3)
+            store.fs.pipe_file(f"{store.path}/zarr.json", meta, mode="create")
+        except FileExistsError:
+            return store._join(store._wait_root_attrs(), recipe, recipe_hash)
+        except OSError as exc:
+            raise StoreError(f"{store.url}: cannot create store ({exc})") from exc
+        try:
+            root = zarr.open_group(store=store.zarr_store, mode="a")
             root.require_group(RUNS)
-        except (OSError, PermissionError) as exc:
+        except OSError as exc:
             raise StoreError(f"{store.url}: cannot create store ({exc})") from exc
         store._root = root
         return store
+
+    def _check_root_attrs(self, attrs: dict[str, Any]) -> None:
+        try:
+            validate(attrs, "store", self.url)
+        except StoreError as exc:
+            raise StoreError(f"{self.url}: exists and is not an fmri-data store (its root attributes do not "
+                             f"match the store schema: {str(exc).removeprefix(self.url + ': ')})") from None
+
+    def _join(self, existing: dict[str, Any] | None, recipe: dict[str, Any], recipe_hash: str) -> "Store":
+        """Reopen an existing store to resume or to convert beside another converter."""
+        if existing is None:
+            raise StoreError(f"{self.url}: another process is creating a store here but its zarr.json stays unreadable")
+        self._check_root_attrs(existing)
+        if existing["recipe_hash"] != recipe_hash:
+            raise StoreError(
+                f"{self.url}: written with recipe '{existing['recipe'].get('name')}' ({existing['recipe_hash']}), "
+                f"not '{recipe.get('name')}' ({recipe_hash}); pass overwrite=True (--overwrite) to replace it "
+                "or choose another output"
+            )
+        return self
+
+    def _wait_root_attrs(self, seconds: float = 10.0) -> dict[str, Any] | None:
+        """The root attributes another creator is writing at this moment (None after ``seconds``)."""
+        deadline = time.monotonic() + seconds
+        while True:
+            attrs = self._read_root_attrs()
+            if attrs is not None or time.monotonic() > deadline:
+                return attrs
+            time.sleep(0.05)
+
+    def _remove_store(self) -> None:
+        """Delete the store for ``overwrite``, only if everything in it is what fmri-data writes.
+
+        Raises:
+            StoreError: naming the entries fmri-data did not write (nothing is deleted).
+        """
+        foreign = foreign_entries(self.fs, self.path)
+        if foreign:
+            shown = ", ".join(foreign[:5]) + (f" and {len(foreign) - 5} more" if len(foreign) > 5 else "")
+            raise StoreError(f"{self.url}: not overwritten: it holds {shown}, which fmri-data did not write; "
+                             "move them away or choose another output")
+        self.fs.rm(self.path, recursive=True)
 
     @classmethod
     def open(cls, url: str, storage_options: dict[str, Any] | None = None) -> "Store":

@@ -19,10 +19,10 @@ def test_model_family_settings():
     assert neurostorm["volume"]["shape"] == [96, 96, 96]
     assert neurostorm["volume"]["normalization"] == "global_zscore"
     assert neurostorm["store"]["chunk_frames"] == 20
-    for name in ("brain_jepa", "fmri_lm"):
+    for name, tr, atlas in (("brain_jepa", None, "tian_s3+schaefer400_17n"), ("fmri_lm", 2.0, "tian_s3+schaefer400_7n")):
         recipe = load_recipe(name)
-        assert recipe["temporal"]["tr"] == 2.0
-        assert recipe["roi"]["atlases"] == ["tian_s3+schaefer400_7n"]
+        assert recipe["temporal"]["tr"] == tr
+        assert recipe["roi"]["atlases"] == [atlas]
         assert recipe["volume"] is None
 
 

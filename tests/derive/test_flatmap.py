@@ -246,13 +246,16 @@ def test_convert_flat_mae_real(tmp_path, atlas_dir):
     assert video.dtype == np.float16 and video.chunks == (16, 224, 560)
     assert attrs["flat"]["family"] == "fsaverage5" and attrs["flat"]["normalization"]["kind"] == "vertex_zscore"
     frame0 = video[0].astype(np.float32)
-    assert (frame0[~mask] == 0).all() and np.count_nonzero(frame0[mask]) > 0.99 * mask.sum()
+    # no_signal: keep (the reference): the run's constant (medial wall) vertices stay in the
+    # mask as zeros, ~2% of it; the rest is signal
+    assert attrs["flat"]["no_signal"] == "keep" and attrs["flat"]["fit"] == "none"
+    assert (frame0[~mask] == 0).all() and 0.97 * mask.sum() < np.count_nonzero(frame0[mask]) < mask.sum()
 
     # left hemisphere on the left: frame 0 at x < 0 is the z-scored hemi-L data, interpolated
     # independently with scipy on the left patch (frame 0 is not changed by the TR resampling)
     src = DS_REAL / "derivatives/preproc/sub-010188/ses-02/func"
     family = load_family("fsaverage5")
-    placed, grid = _placed(family, PARAMS)
+    placed, grid = _placed(family, dict(PARAMS, fit="none"))  # flat_mae's default geometry
     x = grid.points()[:, 0].reshape(mask.shape)
     for hemi, side in (("L", x < 0), ("R", x > 0)):
         data = open_gifti_series(next(src.glob(f"*hemi-{hemi}_*.func.gii"))).read()
@@ -273,9 +276,9 @@ def test_convert_flat_mae_real(tmp_path, atlas_dir):
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and (tmp_path / "p.png").stat().st_size == len(png)
 
 
-def test_dense_cifti_to_flat(tmp_path, atlas_dir):
-    """Synthetic dense CIFTI on the real fsLR cortex structures: every left vertex carries one
-    series, every right vertex another, so each hemisphere's pixels must show its own z-scored series."""
+def _cifti_flat(tmp_path, atlas_dir, left, right, overrides=()):
+    """A synthetic dense CIFTI on the real fsLR cortex structures (every left vertex carries
+    ``left``, every right vertex ``right``, TR 1 s) converted with flat_mae on a 2.4 mm grid."""
     import nibabel as nib
 
     from conftest import make_bids
@@ -285,20 +288,44 @@ def test_dense_cifti_to_flat(tmp_path, atlas_dir):
     models = nib.load(ATLASES / "tpl-fsLR_den-32k_atlas-Schaefer2018_desc-400Parcels7Networks_dseg.dlabel.nii").header.get_axis(1)
     cortex = [(name, slc) for name, slc, _ in models.iter_structures() if "CORTEX" in str(name)]
     assert len(cortex) == 2
-    t = np.arange(20, dtype=np.float64)
-    left, right = np.sin(0.5 * t) + 3.0, np.cos(0.3 * t) * 2.0 - 1.0
-    data = np.zeros((20, len(models)), dtype=np.float32)
+    data = np.zeros((len(left), len(models)), dtype=np.float32)
     for name, slc in cortex:
         data[:, slc] = (left if "LEFT" in str(name) else right)[:, None]
-    img = nib.Cifti2Image(data, header=(nib.cifti2.SeriesAxis(0, 1.0, 20, unit="second"), models))
+    img = nib.Cifti2Image(data, header=(nib.cifti2.SeriesAxis(0, 1.0, len(left), unit="second"), models))
+    tmp_path.mkdir(parents=True, exist_ok=True)
     path = tmp_path / "src.dtseries.nii"
     img.to_filename(path)
     root = make_bids(tmp_path / "bids", {"sub-01/func/sub-01_task-rest_space-fsLR_den-91k_bold.dtseries.nii": path,
                                           "sub-01/func/sub-01_task-rest_space-fsLR_den-91k_bold.json": '{"RepetitionTime": 1.0}'})
     out = tmp_path / "cifti.zarr"
-    report = convert(root, str(out), "flat_mae", atlas_dir=atlas_dir, overrides=["flat.resolution_mm=2.4", "flat.triangulation=mesh"], progress=False)
+    report = convert(root, str(out), "flat_mae", atlas_dir=atlas_dir,
+                     overrides=["flat.resolution_mm=2.4", "flat.triangulation=mesh", *overrides], progress=False)
     assert not report.failed, [r.error for r in report.failed]
-    store = Store.open(str(out))
+    return Store.open(str(out))
+
+
+def test_no_signal_keep_and_drop(tmp_path, atlas_dir):
+    """flat.no_signal: keep (flat_mae's default, the reference) interpolates a constant
+    hemisphere as zeros inside the geometry's mask; drop takes its pixels out of flat_mask."""
+    t = np.arange(20, dtype=np.float64)
+    left, right = np.full(20, 5.0), np.cos(0.3 * t)
+    kept = _cifti_flat(tmp_path / "keep", atlas_dir, left, right)
+    dropped = _cifti_flat(tmp_path / "drop", atlas_dir, left, right, ["flat.no_signal=drop"])
+    mask_k, mask_d = kept.run("sub-01_task-rest")["flat_mask"][:], dropped.run("sub-01_task-rest")["flat_mask"][:]
+    video_k = kept.run("sub-01_task-rest")["flat"][:].astype(np.float32)
+    assert kept.run_attrs("sub-01_task-rest")["flat"]["no_signal"] == "keep"
+    assert dropped.run_attrs("sub-01_task-rest")["flat"]["no_signal"] == "drop"
+    assert mask_k[:, :140].sum() > 1000 and (video_k[:, :, :140][:, mask_k[:, :140]] == 0).all()
+    assert not mask_d[:, :140].any()
+    assert (mask_d[:, 140:] == mask_k[:, 140:]).all()
+
+
+def test_dense_cifti_to_flat(tmp_path, atlas_dir):
+    """Synthetic dense CIFTI on the real fsLR cortex structures: every left vertex carries one
+    series, every right vertex another, so each hemisphere's pixels must show its own z-scored series."""
+    t = np.arange(20, dtype=np.float64)
+    left, right = np.sin(0.5 * t) + 3.0, np.cos(0.3 * t) * 2.0 - 1.0
+    store = _cifti_flat(tmp_path, atlas_dir, left, right)
     attrs = store.run_attrs("sub-01_task-rest")
     assert attrs["flat"]["source"] == "cifti_dense" and attrs["flat"]["family"] == "fsLR"
     video, mask = store.run("sub-01_task-rest")["flat"][:].astype(np.float32), store.run("sub-01_task-rest")["flat_mask"][:]

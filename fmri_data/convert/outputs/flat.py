@@ -5,13 +5,17 @@ CIFTI (fsLR cortex structures), then a volume (projected onto the recipe's ``fla
 surfaces by world coordinates). The flat operator (and for volumes the composed
 voxel -> pixel operator) comes from :mod:`fmri_data.derive.flatmap`, cached on disk.
 
-Per recipe ``flat.normalization = vertex_zscore`` (the reference): each vertex series is
-z-scored over the run (population std, as ``sklearn.preprocessing.scale``) at the source
-TR, then resampled to ``temporal.tr``, then mapped to pixels. Vertices without signal
-(std <= 1e-6, e.g. a medial wall stored as 0) or outside the volume are left out: a
-pixel interpolates its triangle's remaining vertices, and drops out of ``flat_mask`` if
-none remains. With ``normalization = none`` volume runs go through the one composed
-``(pixels, voxels)`` matrix.
+Order per run, as the reference (fmri-fm): per recipe ``flat.normalization =
+vertex_zscore`` each vertex series is z-scored over the run (population std, ddof 0, as
+``sklearn.preprocessing.scale``) at the source TR, then resampled to ``temporal.tr``
+(:func:`fmri_data.resample.temporal.resample_tr`; ``pchip`` runs on the data in column
+blocks, no operator), then mapped to pixels. Vertices without signal (std <= 1e-6, e.g. a
+medial wall stored as 0, or absent from a dense CIFTI) are zeros; with ``flat.no_signal =
+keep`` (the reference) they are interpolated as zeros and ``flat_mask`` is the geometry's
+valid-pixel mask; with ``drop`` they are left out: a pixel interpolates its triangle's
+remaining vertices, and drops out of ``flat_mask`` if none remains. Vertices a volume does
+not reach are always left out (the composed operator has no columns for them). With
+``normalization = none`` volume runs go through the one composed ``(pixels, voxels)`` matrix.
 """
 
 from __future__ import annotations
@@ -230,7 +234,8 @@ def _read_volume_source(run: RunInputs, cfg: dict[str, Any], device: str) -> Fla
 
 
 def _normalize(source: FlatSource, normalization: str) -> tuple[np.ndarray, np.ndarray]:
-    """Signal check and (``vertex_zscore``) z-score over the run of each row of ``source.data``.
+    """Signal check and (``vertex_zscore``) z-score over the run of each row of ``source.data``
+    (ddof 0; rows without signal become 0, as ``sklearn.preprocessing.scale`` makes a constant row).
 
     Returns:
         ``(n, T_in)`` float32 series and ``(n,)`` bool rows with signal (covered, std > 1e-6).
@@ -246,11 +251,13 @@ def _normalize(source: FlatSource, normalization: str) -> tuple[np.ndarray, np.n
     if normalization == "vertex_zscore":
         mean = data.mean(axis=1, dtype=np.float64)
         data = ((data - mean[:, None]) / np.where(signal, std, 1.0)[:, None]).astype(np.float32)
+        data[~signal] = 0.0
     return data, signal
 
 
-def _pixel_mapping(source: FlatSource, data: np.ndarray, signal: np.ndarray):
-    """The rows with signal, and how they map to pixels.
+def _pixel_mapping(source: FlatSource, data: np.ndarray, signal: np.ndarray, no_signal: str = "keep"):
+    """The rows that are mapped (all with ``no_signal="keep"``, those with signal with
+    ``"drop"``), and how they map to pixels.
 
     Returns:
         ``(flat_matrix, mask, values)``: ``(P, n_signal)`` CSR vertex -> pixel matrix (None
@@ -258,6 +265,11 @@ def _pixel_mapping(source: FlatSource, data: np.ndarray, signal: np.ndarray):
         float32 series.
     """
     op = source.op
+    if no_signal not in ("keep", "drop"):
+        raise InputError(source.path, f"unknown flat.no_signal '{no_signal}' (keep or drop)")
+    if no_signal == "keep":  # the operator's own valid pixels; rows without signal are zeros
+        base = None if source.pixel_space else (op.flat_stage if source.kind == "volume" else op.matrix)
+        return base, op.mask, data
     if source.pixel_space:  # data already holds pixel series
         mask = np.zeros(op.mask.size, dtype=bool)
         mask[np.flatnonzero(op.mask.ravel())[signal]] = True
@@ -308,6 +320,7 @@ def _flat_attrs(source: FlatSource, cfg: dict[str, Any], mask: np.ndarray, signa
         "n_valid_pixels": int(mask.sum()),
         "n_vertices": int(op.meta["n_vertices"]),
         "n_signal": int(signal.sum()),
+        "no_signal": cfg.get("no_signal", "drop"),
         "normalization": {"kind": cfg["normalization"]},
         "dtype": cfg["dtype"],
     }
@@ -343,8 +356,9 @@ def flat_outputs(run: RunInputs, inputs: Mapping[str, Any]) -> Produced:
 
     # Vertex (or, for a composed volume operator, pixel) series: signal check, z-score, TR.
     data, signal = _normalize(source, cfg["normalization"])
-    flat_matrix, mask, values = _pixel_mapping(source, data, signal)
-    series = resample_tr(values.T, tr_in, tr_out, temporal["interpolation"], temporal["antialias"], device=device)  # (T_out, n)
+    flat_matrix, mask, values = _pixel_mapping(source, data, signal, cfg.get("no_signal", "drop"))
+    series = resample_tr(values.T, tr_in, tr_out, temporal["interpolation"], temporal["antialias"], device=device,
+                         grid=temporal["grid"])  # (T_out, n)
     n_frames = series.shape[0]
     known = inputs["timing"]
     if known is not None and known.n_frames != n_frames:

@@ -56,7 +56,8 @@ def cifti_outputs(run: RunInputs, inputs: Mapping[str, Any]) -> Produced:
             p = cifti_parcel_operator(atlas, cifti.brain_models, cifti.path)
             data = PreparedOperator(p.matrix, device=device, dtype=np.float64)(data.T).T
             key, labels, info, missing, n_vox = roi_key(atlas.name), atlas.labels, atlas.provenance(), p.missing, p.n_voxels
-        series = resample_tr(data, tr_in, tr_out, temporal["interpolation"], temporal["antialias"], device=device)
+        series = resample_tr(data, tr_in, tr_out, temporal["interpolation"], temporal["antialias"], device=device,
+                             grid=temporal["grid"])
         roi_series[key] = write_roi(run, key, series, labels, info, src.kind, missing, n_vox)
         new = dict(tr_s=tr_out, source_tr_s=tr_in, n_frames=series.shape[0], n_frames_source=cifti.n_frames)
         for k, v in new.items():
@@ -110,7 +111,8 @@ def gifti_outputs(run: RunInputs, inputs: Mapping[str, Any]) -> Produced:
             block = np.vstack([series["L"].read(start, stop), series["R"].read(start, stop)])
             block = check_finite(block, left.path, start, recipe["inputs"]["nan_policy"])
             apply(block, out=out[start:stop].T)
-        out = resample_tr(out, tr_in, tr_out, temporal["interpolation"], temporal["antialias"], device=device)
+        out = resample_tr(out, tr_in, tr_out, temporal["interpolation"], temporal["antialias"], device=device,
+                          grid=temporal["grid"])
         roi_series[roi_key(atlas.name)] = write_roi(
             run, roi_key(atlas.name), out, atlas.labels, atlas.provenance(), "gifti", p.missing, p.n_voxels
         )

@@ -7,10 +7,10 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from ...derive.volume import background_value, epi_mask, normalize
+from ...derive.volume import background_value, epi_mask, footprint_mask, global_zscore_elements, normalize, zero_negatives
 from ...discover import NATIVE
-from ...errors import InputError
-from ...reference.grids import Grid, template_grid
+from ...errors import InputError, RecipeError
+from ...reference.grids import Grid, stored_affine, template_grid, to_orientation
 from ...read.nifti import VolumeSeries, open_volume, read_image_3d
 from ...read.common import resolve_tr
 from ...resample.operator import PreparedOperator
@@ -28,8 +28,18 @@ log = logging.getLogger(__name__)
 
 
 def _target_grid(volume_cfg: dict[str, Any]) -> Grid:
+    """The (RAS+) target grid; its crop/pad offsets follow the stored orientation."""
     grid = template_grid(volume_cfg["space"], volume_cfg["resolution"])
-    return grid.crop_or_pad(tuple(volume_cfg["shape"])) if volume_cfg.get("shape") else grid
+    orientation = volume_cfg.get("orientation", "RAS")
+    return grid.crop_or_pad(tuple(volume_cfg["shape"]), orientation) if volume_cfg.get("shape") else grid
+
+
+def _nonzero_any(vol: VolumeSeries) -> np.ndarray:
+    """``(X, Y, Z)`` bool: source voxels non-zero in any frame (one streaming pass)."""
+    found = np.zeros(vol.shape[:3], dtype=bool)
+    for _, _, block in vol.iter_frames(frames_per_block(vol.n_frames, np.prod(vol.shape[:3]))):
+        found |= (np.nan_to_num(block) != 0).any(axis=-1)
+    return found
 
 
 def _source_mask(run: RunInputs, vol: VolumeSeries, mode: str, grid: Grid) -> tuple[np.ndarray, str]:
@@ -37,6 +47,15 @@ def _source_mask(run: RunInputs, vol: VolumeSeries, mode: str, grid: Grid) -> tu
     spec = run.spec
     if mode == "auto":
         mode = "file" if spec.mask else "epi"
+    if mode == "file_or_nonzero":
+        # NeuroSTORM: the trilinearly resampled mask file's non-zero voxels when there is one,
+        # else the element-wise non-zero data (3D here: voxels non-zero in any frame; the
+        # zero elements of the resampled series are background per frame in _write_volume)
+        if spec.mask:
+            data, affine = read_image_3d(spec.mask)
+            run.add_source(spec.mask, "mask", spec.volume.space if spec.volume else None, True)
+            return footprint_mask(data, affine, grid.shape, grid.affine), "file"
+        return footprint_mask(_nonzero_any(vol), vol.affine, grid.shape, grid.affine), "nonzero_elementwise"
     if mode == "file":
         if not spec.mask:
             raise InputError(vol.path, "recipe volume.mask=file but the run has no desc-brain_mask file")
@@ -84,7 +103,7 @@ def volume_outputs(run: RunInputs, inputs: Mapping[str, Any]) -> Produced:
     run.warnings.extend(tr_warnings)
     run.add_source(src.path, "volume", src.space, src.derivative)
     tr_out = recipe["temporal"]["tr"] or tr_in
-    t_out = n_output_frames(vol.n_frames, tr_in, tr_out)
+    t_out = n_output_frames(vol.n_frames, tr_in, tr_out, recipe["temporal"]["grid"])
 
     volume_cfg = recipe["volume"]
     attrs: dict[str, Any] = {}
@@ -137,11 +156,13 @@ def volume_outputs(run: RunInputs, inputs: Mapping[str, Any]) -> Produced:
         raise InputError(vol.path, "no BOLD signal: every voxel is constant over time")
     temporal = recipe["temporal"]
     if op is not None:
-        resampled = resample_tr(brain, tr_in, tr_out, temporal["interpolation"], temporal["antialias"], device=device)
+        resampled = resample_tr(brain, tr_in, tr_out, temporal["interpolation"], temporal["antialias"], device=device,
+                                grid=temporal["grid"])
         attrs["volume"] = _write_volume(run, resampled, mask, grid, mask_mode, src.space, volume_cfg)
     roi_series: dict[str, np.ndarray] = {}
     for atlas, p, series in zip(atlases, parcel_ops, parcels):
-        series = resample_tr(series, tr_in, tr_out, temporal["interpolation"], temporal["antialias"], device=device)
+        series = resample_tr(series, tr_in, tr_out, temporal["interpolation"], temporal["antialias"], device=device,
+                             grid=temporal["grid"])
         key = roi_key(atlas.name)
         roi_series[key] = write_roi(run, key, series, atlas.labels, atlas.provenance(), "volume", p.missing, p.n_voxels)
     timing = Timing(tr_s=tr_out, source_tr_s=tr_in, n_frames=t_out, n_frames_source=vol.n_frames)
@@ -155,28 +176,55 @@ def volume_outputs(run: RunInputs, inputs: Mapping[str, Any]) -> Produced:
 
 def _write_volume(run: RunInputs, brain, mask, grid, mask_mode, source_space, cfg) -> dict[str, Any]:
     """Normalize ``brain (T_out, N)`` and write ``bold`` ``(T, X, Y, Z)``, ``brain_mask`` and the
-    ``norm_*`` maps; returns run attribute ``volume``."""
+    ``norm_*`` maps; returns run attribute ``volume``.
+
+    ``mask``/``grid`` are RAS+ (what later output kinds get); the stored arrays are in
+    ``volume.orientation`` order (``LAS``: x reversed) and the stored affine maps stored
+    indices to mm. With ``mask_mode="nonzero_elementwise"`` the stored ``brain_mask`` is the
+    voxels whose trilinear footprint is non-zero in some source frame (a superset of those
+    non-zero in any resampled frame); elements that are exactly 0 after resampling are
+    background at that frame and hold ``normalization.background``.
+
+    Raises:
+        RecipeError: ``mask=file_or_nonzero`` fell back to element-wise non-zero with a
+            normalization other than ``global_zscore``.
+    """
     store_cfg, writer = run.recipe["store"], run.writer
-    z, params, arrays = normalize(brain, cfg["normalization"])
-    background = background_value(z, cfg["background"])
-    params["background"] = background
+    negatives, ddof = cfg.get("negatives", "keep"), int(cfg.get("std_ddof", 0))
+    orientation = cfg.get("orientation", "RAS")
+    elementwise = mask_mode == "nonzero_elementwise"
+    if cfg["normalization"] == "global_zscore" and (elementwise or negatives != "keep" or ddof):
+        # NeuroSTORM's order: background (incl. element-wise zeros) -> negatives -> z-score
+        z, params = global_zscore_elements(brain, elementwise=elementwise, negatives=negatives, ddof=ddof,
+                                           background=cfg["background"])
+        arrays: dict[str, np.ndarray] = {}
+        background = params["background"]
+    else:
+        if elementwise:
+            raise RecipeError(f"volume.mask=file_or_nonzero without a mask file needs normalization global_zscore, "
+                              f"not {cfg['normalization']}")
+        z, params, arrays = normalize(zero_negatives(brain) if negatives == "zero" else brain, cfg["normalization"])
+        background = background_value(z, cfg["background"])
+        params["background"] = background
     flat_index = np.flatnonzero(mask.reshape(-1))
     n_frames = z.shape[0]
 
     def block(start: int, stop: int) -> np.ndarray:
         dense = np.full((stop - start, grid.n_voxels), background, dtype=cfg["dtype"])
         dense[:, flat_index] = z[start:stop]
-        return dense.reshape((stop - start,) + grid.shape)
+        return np.ascontiguousarray(to_orientation(dense.reshape((stop - start,) + grid.shape), orientation, 1))
 
     writer.write_series(
         "bold", n_frames, grid.shape, cfg["dtype"], store_cfg["chunk_frames"], store_cfg["shard_chunks"],
         store_cfg["compression"], block, dimension_names=("time", "x", "y", "z"),
     )
-    writer.write_array("brain_mask", mask, store_cfg["compression"], dimension_names=("x", "y", "z"))
+    writer.write_array("brain_mask", np.ascontiguousarray(to_orientation(mask, orientation)), store_cfg["compression"],
+                       dimension_names=("x", "y", "z"))
     for name, values in arrays.items():
         volume = np.zeros(grid.n_voxels, dtype=np.float32)
         volume[flat_index] = values
-        writer.write_array(f"norm_{name}", volume.reshape(grid.shape), store_cfg["compression"], dimension_names=("x", "y", "z"))
+        writer.write_array(f"norm_{name}", np.ascontiguousarray(to_orientation(volume.reshape(grid.shape), orientation)),
+                           store_cfg["compression"], dimension_names=("x", "y", "z"))
     aligned = source_space == cfg["space"]
     if not aligned:
         run.warnings.append(
@@ -186,7 +234,10 @@ def _write_volume(run: RunInputs, brain, mask, grid, mask_mode, source_space, cf
         "space": cfg["space"],
         "resolution": cfg["resolution"],
         "shape": list(grid.shape),
-        "affine": grid.affine.tolist(),
+        "affine": stored_affine(grid.affine, grid.shape, orientation).tolist(),
+        "orientation": orientation,
+        "negatives": negatives,
+        "std_ddof": ddof,
         "voxel_size_mm": list(grid.voxel_size),
         "source_space": source_space,
         "alignment": "template" if aligned else "world-coordinates",
