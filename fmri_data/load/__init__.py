@@ -12,7 +12,7 @@ layer uses::
     loader = WindowLoader(ds, num_workers=4, persistent_workers=True)
     for epoch in range(n_epochs):                                        # each epoch a new order
         for batch in loader:
-            batch = ds.to_device(batch, "cuda", normalize=True, clamp=5.0)
+            batch = ds.to_device(batch, "cuda")                            # as stored: NeuroSTORM's run-wise z-score
             batch["data"]          # (8, 1, 96, 96, 96, 20) float32 on the GPU
             ...
             checkpoint = {"loader": loader.state_dict(), ...}            # resume exactly:
