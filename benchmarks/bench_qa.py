@@ -5,7 +5,8 @@ N frames, fMRIPrep-style derivative with its brain mask). Both conversions use t
 ``neurostorm`` recipe; the baseline sets ``qa.enabled=false`` (the recipe hash is the same,
 so the stores hold identical arrays). Each runs in its own child process.
 
-Prints seconds and peak memory of each, and the ratios (with QA / without QA).
+Prints seconds and peak memory of each, the ratios (with QA / without QA) and the peak
+memory QA adds (GiB).
 
     python benchmarks/bench_qa.py --frames 300
 """
@@ -18,7 +19,7 @@ import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_convert import make_dataset, run_child  # noqa: E402
+from bench_convert import make_dataset, run_child
 
 
 def main() -> None:
@@ -36,6 +37,7 @@ def main() -> None:
     print(f"without QA (baseline): {t_base:7.1f} s  peak {m_base:5.2f} GiB")
     print(f"with QA:               {t_qa:7.1f} s  peak {m_qa:5.2f} GiB")
     print(f"ratio with/without QA: time {t_qa / t_base:4.2f}x  peak memory {m_qa / m_base:4.2f}x")
+    print(f"peak memory added by QA: {m_qa - m_base:+5.2f} GiB (issue 15 target: time <= 1.25x, added peak <= 1 GiB)")
 
 
 if __name__ == "__main__":

@@ -5,6 +5,17 @@ Python API::
     from fmri_data import convert, Store
     report = convert("ds000105", "out.zarr", "neurostorm", atlas_dir="atlases/")
     store = Store.open("out.zarr")
+
+- ``convert(bids_root, output, recipe="default", ...)`` -> ``ConvertReport``: every run of a
+  BIDS dataset (raw or fMRIPrep derivatives) into one Zarr v3 store (``fmri_data.convert``).
+- ``discover(bids_root, ...)`` -> ``list[RunSpec]``: the runs a conversion would read.
+- ``Store.open(url)``: runs, their arrays and attributes, ``index.parquet``, ``qa.parquet``.
+- ``load_recipe(name_or_path, overrides)``: a bundled or YAML recipe, validated.
+- ``validate_store(url, deep=False)``: a store against its schemas and checksums.
+- ``fmri_data.load``: ``build_index``, ``WindowDataset``, ``WindowLoader`` (PyTorch training batches).
+- ``fmri_data.train``: the model families; ``fmri_data.qa``: the QA report.
+
+The command line is ``fmri-data --help``.
 """
 
 from __future__ import annotations
@@ -43,6 +54,10 @@ def __getattr__(name: str) -> Any:  # lazy imports keep `import fmri_data` cheap
             globals()[name] = value
         return value
     raise AttributeError(f"module 'fmri_data' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:  # help(fmri_data) and tab completion list the lazy exports
+    return sorted(set(globals()) | set(__all__))
 
 
 if TYPE_CHECKING:  # pragma: no cover

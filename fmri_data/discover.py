@@ -23,6 +23,7 @@ import json
 import logging
 import math
 import posixpath
+import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -86,6 +87,9 @@ class RunSpec:
         participant: the ``participants.tsv`` row of the subject (``n/a`` -> None).
         metadata: sidecar of the primary source (volume > dense CIFTI > GIFTI > parcels).
         alternatives: paths of volume sources not chosen (kept for provenance).
+        notes: what discovery decided that a user should hear about (a raw file set aside
+            for its preprocessed derivative, or the reverse); the converter reports them as
+            the run's warnings.
         error: why the run cannot be converted (e.g. a broken sidecar), found while
             discovering it; the converter records it as a failed run.
     """
@@ -102,6 +106,7 @@ class RunSpec:
     participant: dict[str, Any] = field(default_factory=dict)
     metadata: dict[str, Any] = field(default_factory=dict)
     alternatives: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
     error: str | None = None
 
     @property
@@ -148,7 +153,10 @@ class _Tree:
         if self.remote:
             import fsspec
 
-            self.fs, path = fsspec.core.url_to_fs(text, **(storage_options or {}))
+            try:
+                self.fs, path = fsspec.core.url_to_fs(text, **(storage_options or {}))
+            except (ImportError, ValueError, TypeError) as exc:  # no backend installed, bad option
+                raise InputError(text, f"cannot open ({type(exc).__name__}: {exc})") from None
             self.root = self.fs.unstrip_protocol(path.rstrip("/"))
             self._listing: list[str] | None = None
         else:
@@ -161,17 +169,14 @@ class _Tree:
         if self._listing is None:
             try:
                 found = self.fs.find(self.root, withdirs=False)
-            except (FileNotFoundError, OSError) as exc:
-                raise InputError(self.root, f"cannot list dataset ({exc})") from exc
+            except Exception as exc:  # fsspec backends raise their own (botocore, aiohttp) errors
+                raise InputError(self.root, f"cannot list dataset ({type(exc).__name__}: {exc})") from None
             self._listing = sorted(self.fs.unstrip_protocol(p) for p in found)
         return self._listing
 
     def is_dir(self) -> bool:
         if self.remote:
-            try:
-                return bool(self._files())
-            except InputError:
-                return False
+            return bool(self._files())  # a listing that fails says why (InputError), not "not a directory"
         return Path(self.root).is_dir()
 
     def datasets(self) -> list[str]:
@@ -450,6 +455,9 @@ def _res_equal(label: str, res: int) -> bool:
 
 
 def _assemble(key, members, masks, confounds, events, participants, spaces, prefer, volume_space, volume_res):
+    for name, label in key:
+        if not re.fullmatch(r"[A-Za-z0-9]+", label):
+            raise InputError(members[0][2], f"BIDS {name} label {label!r} is not alphanumeric (BIDS labels are [a-zA-Z0-9]+)")
     raw_files = [m for m in members if not m[0]]
     raw_meta = sidecar_metadata(raw_files[0][2], raw_files[0][1], raw_files[0][4]) if raw_files else {}
     sources = [_make_source(d, r, p, e, t, raw_meta if d else {}) for d, r, p, e, t in members]
@@ -480,6 +488,13 @@ def _assemble(key, members, masks, confounds, events, participants, spaces, pref
         spec = RunSpec(run_id=make_run_id(run_entities), entities=run_entities)
         spec.volume = chosen
         spec.alternatives = [v.path for v in volumes if v is not chosen]
+        other_origin = [v for v in volumes if chosen is not None and v.derivative != chosen.derivative]
+        if other_origin:
+            kind = "raw" if chosen.derivative else "derivative"
+            spec.notes.append(
+                f"{kind} volume {posixpath.basename(other_origin[0].path)} not used: "
+                f"{posixpath.basename(chosen.path)} is (recipe inputs.prefer={prefer})"
+            )
         gifti = [s for s in sources if s.kind == "gifti"]
         by_space: dict[tuple, dict[str, Source]] = {}
         for s in gifti:

@@ -9,6 +9,13 @@ settings (of :mod:`fmri_data.derive`, :mod:`fmri_data.resample`, :mod:`fmri_data
 from __future__ import annotations
 
 import os
+import re
+
+
+def one_line(text: str) -> str:
+    """``text`` with its line breaks (and the indentation after them) folded into single
+    spaces, so a message from a library (nibabel, botocore) keeps the one-line contract."""
+    return re.sub(r"\s*[\r\n]+\s*", " ", str(text)).strip()
 
 
 class FmriDataError(Exception):
@@ -23,8 +30,8 @@ class InputError(FmriDataError):
 
     def __init__(self, path: str | os.PathLike, cause: str):
         self.path = str(path)
-        self.cause = cause
-        super().__init__(f"{self.path}: {cause}")
+        self.cause = one_line(cause)
+        super().__init__(f"{self.path}: {self.cause}")
 
 
 class RecipeError(FmriDataError):
@@ -33,6 +40,11 @@ class RecipeError(FmriDataError):
 
 class StoreError(FmriDataError):
     """The output store cannot be created, opened, or fails its contract."""
+
+
+class ComputeError(FmriDataError):
+    """Where runs should execute is unusable: a Dask scheduler that cannot be reached, a
+    cluster that cannot be started (no ``sbatch``), a cluster lost mid-conversion."""
 
 
 class SettingError(FmriDataError, ValueError):

@@ -374,7 +374,8 @@ def write_scores(group: zarr.Group, result: WindowScores, compression: dict[str,
     for name, values in arrays.items():
         group.create_array(
             name, shape=values.shape, chunks=(max(1, len(values)),), dtype=values.dtype,
-            compressors=compressors(compression, values.dtype.itemsize), fill_value=0, dimension_names=("window",),
+            compressors=compressors(compression, values.dtype.itemsize), fill_value=0,
+            dimension_names=("rank",) if name == "topk" else ("window",),  # top-k ranks vs every window
         )[...] = values
     group.attrs.put(to_json(result.attrs))
 

@@ -11,9 +11,27 @@ from rich.markup import escape
 
 from ..errors import FmriDataError
 
-from .app import console, err_console, fail, parse_options
+from .app import console, err_console, fail, interrupted, parse_options
+
+#: distinct warnings printed after a conversion (all are in each run's attributes and index.parquet)
+SHOWN_WARNINGS = 10
 
 
+def print_warnings(results) -> None:
+    """The warnings of the runs converted now, one line per distinct message with the number
+    of runs and the first of them (a dataset of 1,000 runs with one systematic problem
+    prints one line)."""
+    seen: dict[str, list[str]] = {}
+    for r in results:
+        if r.status in ("complete", "skipped"):
+            for w in r.warnings:
+                seen.setdefault(w, []).append(r.run_id)
+    for message, runs in list(seen.items())[:SHOWN_WARNINGS]:
+        where = runs[0] if len(runs) == 1 else f"{len(runs)} runs, e.g. {runs[0]}"
+        console.print(f"[yellow]warning[/yellow] ({where}): {escape(message)}")
+    if len(seen) > SHOWN_WARNINGS:
+        console.print(f"... and {len(seen) - SHOWN_WARNINGS} more distinct warnings "
+                      "(each run's `warnings` in index.parquet / `fmri-data inspect`)")
 
 def convert(
     bids_root: str = typer.Argument(..., help="Raw BIDS dataset (its derivatives/ are used) or a derivatives dataset; path or fsspec URL."),
@@ -61,17 +79,22 @@ def convert(
         )
     except (FmriDataError, ValueError) as exc:
         fail(exc)
-    counts = {s: report.count(s) for s in ("complete", "exists", "skipped", "failed")}
+    except KeyboardInterrupt:
+        interrupted(f"finished runs are kept in {output}; run the same command again to resume")
+    counts = {s: report.count(s) for s in ("complete", "exists", "claimed", "skipped", "failed")}
     console.print(
         f"{report.store_url}: {counts['complete']} converted, {counts['exists']} already present, "
-        f"{counts['skipped']} skipped, {counts['failed']} failed"
+        f"{counts['claimed']} claimed by another converter, {counts['skipped']} skipped, {counts['failed']} failed"
     )
     for r in report.results:
         if r.status == "skipped":
             console.print(f"[yellow]skipped[/yellow] {r.run_id}: {escape(r.error or '')}")
+    print_warnings(report.results)
     for r in report.failed:
         err_console.print(f"[red]failed[/red] {r.run_id}: {escape(r.error or '')}")
-    if report.failed:
+    for line in report.errors:
+        err_console.print(f"[red]error:[/red] {escape(line)}")
+    if report.failed or report.errors:
         raise typer.Exit(1)
     if stats:
         from ..stats import compute_stats

@@ -28,7 +28,7 @@ def fit(
     lr: float = typer.Option(3e-3, "--lr", help="Adam learning rate."),
     hidden: int = typer.Option(32, "--hidden", help="Hidden channels."),
     seed: int = typer.Option(0, "--seed", help="Seed of weights, window sampling and masks."),
-    device: str = typer.Option("cpu", "--device", help="cpu | cuda | auto."),
+    device: str = typer.Option("auto", "--device", help="auto | cpu | cuda (auto: CUDA when torch sees a GPU, as train and probe)."),
 ) -> None:
     """Train a masked-frame network on the store's ROI series; save it in the store."""
     from .app import console

@@ -1,4 +1,4 @@
-"""Command line: ``fmri-data inspect | validate | recipes`` (read a store or list recipes)."""
+"""Command line: ``fmri-data inspect | validate | recipes | export`` (read a store, list recipes, write a run back)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from rich.table import Table
 
 from ..errors import FmriDataError
 
-from .app import console, err_console, fail, human, parse_options
+from .app import console, err_console, fail, human, parse_options, progress_callback
 
 
 
@@ -78,7 +78,11 @@ def validate(
     """Check a store against its schema (attributes, array shapes, chunking; --deep: contents)."""
     from ..store.validate import validate_store
 
-    problems = validate_store(store, parse_options(option), deep=deep)
+    notes: list[str] = []
+    with progress_callback() as progress:
+        problems = validate_store(store, parse_options(option), deep=deep, notes=notes, progress=progress)
+    for note in notes:
+        console.print(f"[yellow]note[/yellow] {escape(note)}")
     for problem in problems:
         err_console.print(f"[red]invalid[/red] {escape(problem)}")
     if problems:
@@ -93,3 +97,25 @@ def recipes() -> None:
     for name in available_recipes():
         console.print(f"[bold]{name}[/bold]: {escape(load_recipe(name).get('description', ''))}")
 
+
+def export(
+    store: str = typer.Argument(..., help="Store path or URL."),
+    run: str = typer.Argument(..., help="Run id, e.g. sub-hcp1_task-rest (fmri-data inspect lists them)."),
+    to: str = typer.Option(..., "--to", help="nifti (bold or a mask, for FSLeyes), cifti (.ptseries.nii, for "
+                                            "Connectome Workbench) or tsv (roi/<atlas> or confounds, for pandas)."),
+    array: str | None = typer.Option(None, "--array", help="Array of the run (default: bold for nifti, the "
+                                                           "run's roi/ array for tsv and cifti)."),
+    out: str | None = typer.Option(None, "--out", help="Output file (default: <run>_<array>.nii.gz | "
+                                                       ".ptseries.nii | .tsv in the working directory)."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing output file."),
+    option: list[str] = typer.Option([], "--option", help="fsspec option for a remote store, key=value."),
+) -> None:
+    """Write one array of a run back as NIfTI, CIFTI or TSV (with the store's affine, TR and labels)."""
+    from ..store.export import export_run
+
+    try:
+        path = export_run(store, run, to, array=array, out=out, overwrite=overwrite,
+                          storage_options=parse_options(option))
+    except FmriDataError as exc:
+        fail(exc)
+    console.print(f"wrote {escape(path)}")

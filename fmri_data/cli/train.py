@@ -12,7 +12,7 @@ from rich.markup import escape
 from ..config.overrides import comma_list
 from ..errors import SettingError
 from ..train.registry import NAMES as FAMILIES, get_family
-from .app import fail, console, parse_options
+from .app import console, fail, parse_options, progress_callback
 
 
 def train(
@@ -75,8 +75,10 @@ def probe(
     try:
         dev = resolve_device(device)
         model, cfg = load_pretrained(checkpoint, str(dev))
-        result = run_probe(model, cfg, store, label=label, test=parse_options(test, "--test", comma_list) or {}, kind=kind, pool=pool,
-                           source=source, where=parse_options(where, "--where", comma_list), device=dev)
+        with progress_callback() as progress:
+            result = run_probe(model, cfg, store, label=label, test=parse_options(test, "--test", comma_list) or {}, kind=kind,
+                               pool=pool, source=source, where=parse_options(where, "--where", comma_list), device=dev,
+                               progress=progress)
     except (ValueError, FileNotFoundError, OSError) as exc:
         fail(exc)
     console.print(f"[bold]{cfg.family}[/bold] {kind} probe of '{escape(label)}': {escape(str(result))}")

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import os
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from . import engine
 from ..discover import discover
+from ..errors import InputError, StoreError, one_line
+from ..store.layout import QA_TABLE, is_local
 from ..qa.table import write_qa_table
 from ..config.recipe import Recipe, load_recipe, recipe_hash
 from ..store.root import Store
@@ -21,6 +24,7 @@ class ConvertReport:
 
     store_url: str
     results: list[RunResult]
+    errors: list[str] = field(default_factory=list)  # store-level failures after the runs (index tables)
 
     def count(self, status: str) -> int:
         return sum(r.status == status for r in self.results)
@@ -76,29 +80,33 @@ def convert(
         :class:`ConvertReport`; failed runs are listed there, not raised.
 
     Raises:
-        FmriDataError: the dataset cannot be indexed, the recipe is invalid, or the store
-            cannot be created.
+        ComputeError: the scheduler or cluster cannot be reached or started (checked first).
+        InputError: the dataset cannot be indexed, or no run matches the filters (the
+            message lists the subjects, tasks and spaces the dataset has).
+        FmriDataError: the recipe is invalid, or the store cannot be created or written.
     """
     resolved = recipe if isinstance(recipe, dict) else load_recipe(recipe, overrides)
     digest = recipe_hash(resolved)
+    engine.check_compute(scheduler, cluster)  # an unreachable scheduler fails before anything is written
     volume_cfg = resolved.get("volume") or {}
-    runs = discover(
-        bids_root,
-        derivatives=derivatives,
-        participant_label=participant_label,
-        task=task,
-        space=space or resolved["inputs"].get("spaces"),
-        prefer=resolved["inputs"]["prefer"],
-        volume_space=volume_cfg.get("space"),
-        volume_res=volume_cfg.get("resolution"),
-        storage_options=input_options,
-    )
+    spaces = space or resolved["inputs"].get("spaces")
+
+    def found(**filters):
+        return discover(bids_root, derivatives=derivatives, prefer=resolved["inputs"]["prefer"],
+                        volume_space=volume_cfg.get("space"), volume_res=volume_cfg.get("resolution"),
+                        storage_options=input_options, **filters)
+
+    runs = found(participant_label=participant_label, task=task, space=spaces)
+    if not runs:
+        raise InputError(str(bids_root), _nothing_matches(found(), participant_label, task, space, spaces))
     for name in (resolved["roi"] or {}).get("atlases", []):
         cached_atlas(name, atlas_dir)  # a missing or off-grid atlas fails the whole conversion up front
     store = Store.create(output, resolved, digest, overwrite=overwrite, bids_root=str(bids_root), storage_options=storage_options)
     done = set(store.run_ids())
     results = [RunResult(r.run_id, "exists", entities=dict(r.entities)) for r in runs if r.run_id in done]
     todo = [r for r in runs if r.run_id not in done]
+    if todo and is_local(store.fs) and not os.access(store.path, os.W_OK):
+        raise StoreError(f"{store.url}: cannot write the store (read-only or no permission); {len(todo)} runs left to convert")
     compute = resolved.get("compute") or {}
     results += engine.map_runs(
         convert_run,
@@ -119,9 +127,46 @@ def convert(
         memory_limit=compute.get("memory_per_worker"),
     )
     results.sort(key=lambda r: r.run_id)
-    _write_index(store, results)
-    write_qa_table(store)
-    return ConvertReport(store.url, results)
+    report = ConvertReport(store.url, results)
+    try:
+        if _tables_current(store, results):
+            return report  # a rerun that found every run present writes nothing (a read-only store is fine)
+        _write_index(store, results)
+        write_qa_table(store)
+    except Exception as exc:  # noqa: BLE001 - a full disk, a read-only or unreachable store: the runs are
+        # committed, only the tables are stale (the next convert rebuilds them)
+        cause = exc.strerror if isinstance(exc, OSError) and exc.strerror else f"{type(exc).__name__}: {exc}"
+        report.errors.append(one_line(f"{store.url}: index.parquet / qa.parquet not updated ({cause}); "
+                                      "rerun the same command to rebuild them"))
+    return report
+
+
+def _tables_current(store: Store, results: list[RunResult]) -> bool:
+    """Every run was already present and ``index.parquet`` lists each as complete, with
+    ``qa.parquet`` beside it."""
+    if any(r.status != "exists" for r in results) or not store.fs.exists(f"{store.path}/{QA_TABLE}"):
+        return False
+    index = store.read_index()
+    if not len(index):
+        return False
+    complete = set(index.loc[index["status"] == "complete", "run_id"])
+    return {r.run_id for r in results} <= complete
+
+
+def _nothing_matches(every: list, participant_label, task, space, recipe_spaces) -> str:
+    """Why no run was found: the filters given and the values the dataset has."""
+    if not every:
+        return "no BOLD runs found (no *_bold.nii[.gz], *_bold.func.gii, *_bold.dtseries.nii or *_bold.ptseries.nii)"
+    have = {
+        "--participant-label": sorted({r.entities.get("sub", "") for r in every}),
+        "--task": sorted({r.entities.get("task", "") for r in every}),
+        "--space": sorted({s.space for r in every for s in r.sources()}),
+    }
+    asked = {"--participant-label": participant_label, "--task": task, "--space": space or recipe_spaces}
+    given = [f"{flag if flag != '--space' or space else 'recipe inputs.spaces'} {' '.join(values)}"
+             for flag, values in asked.items() if values]
+    present = "; ".join(f"{flag}: {', '.join(v for v in have[flag] if v)}" for flag, values in asked.items() if values)
+    return f"no BOLD run matches {' '.join(given)} (the dataset has {present})"
 
 
 def _write_index(store: Store, results: list[RunResult]) -> None:

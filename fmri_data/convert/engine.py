@@ -8,17 +8,76 @@ without code changes. A progress bar counts finished runs.
 
 from __future__ import annotations
 
+import logging
 import os
+import shutil
+import socket
 from collections.abc import Callable, Sequence
+from contextlib import contextmanager
 from typing import Any
+from urllib.parse import urlsplit
 
 import dask
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+from ..errors import ComputeError
+
+LOCAL_SCHEDULERS = ("threads", "synchronous", "processes")
 
 
 def default_workers() -> int:
     """Concurrent runs by default: the CPU count, at most 4 (each run holds its series in memory)."""
     return max(1, min(4, os.cpu_count() or 1))
+
+
+def check_compute(scheduler: str = "threads", cluster: str | None = None, timeout_s: float = 5.0) -> None:
+    """Fail at once, before anything is written, when runs cannot execute where asked.
+
+    Checks that the scheduler name is known, that a ``tcp://HOST:PORT`` scheduler accepts a
+    TCP connection within ``timeout_s`` seconds, and that ``cluster="slurm"`` has
+    dask-jobqueue installed and SLURM's ``sbatch`` on ``PATH``.
+
+    Raises:
+        ComputeError: one line naming the scheduler or cluster and the cause.
+    """
+    if cluster is not None:
+        if cluster != "slurm":
+            raise ComputeError(f"unknown cluster kind {cluster!r}; use 'slurm'")
+        if shutil.which("sbatch") is None:
+            raise ComputeError("--cluster slurm: SLURM's `sbatch` is not on PATH (run fmri-data on a SLURM login node)")
+        return
+    if scheduler in LOCAL_SCHEDULERS:
+        return
+    parts = urlsplit(scheduler)
+    if parts.scheme not in ("tcp", "tls") or not parts.hostname:
+        raise ComputeError(f"unknown scheduler {scheduler!r}; use threads, processes, synchronous or tcp://HOST:PORT")
+    try:
+        port = parts.port or 8786
+        socket.create_connection((parts.hostname, port), timeout=timeout_s).close()
+    except (OSError, ValueError) as exc:
+        raise ComputeError(f"Dask scheduler {scheduler} is not reachable ({exc}); start it or fix the address") from None
+
+
+def _verbose() -> bool:
+    """The root logger shows INFO (``fmri-data --verbose``): Dask's own messages stay on."""
+    return logging.getLogger().getEffectiveLevel() <= logging.INFO
+
+
+@contextmanager
+def _quiet_distributed():
+    """The in-process scheduler and nannies of ``distributed`` log every connection at INFO:
+    keep the terminal to fmri-data's own lines (warnings and errors still show) unless the
+    root logger is at INFO or below (``fmri-data --verbose``)."""
+    import distributed  # noqa: F401 - its import sets the "distributed" logger to INFO: set ours after it
+
+    logger = logging.getLogger("distributed")
+    level = logger.level
+    if not _verbose():
+        logger.setLevel(max(level, logging.WARNING))
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
 
 
 def _progress(label: str, total: int, enabled: bool) -> Progress:
@@ -92,7 +151,8 @@ def map_runs(
             keys = {t.key for t in tasks}
             with _TaskCounter(keys, advance):
                 return list(dask.compute(*tasks, scheduler=scheduler, num_workers=workers))
-        return _distributed(tasks, scheduler, workers, advance, cluster, cluster_options or {}, memory_limit)
+        with _quiet_distributed():
+            return _distributed(tasks, scheduler, workers, advance, cluster, cluster_options or {}, memory_limit)
 
 
 #: SLURMCluster settings fmri-data passes through (dask_jobqueue names).
@@ -127,19 +187,26 @@ def slurm_cluster(options: dict[str, Any]):
 def _distributed(tasks, scheduler, workers, advance, cluster_kind, cluster_options, memory_limit) -> list[Any]:
     from distributed import Client, LocalCluster, as_completed
 
-    if cluster_kind == "slurm":
-        cluster = slurm_cluster(cluster_options)
-        cluster.scale(jobs=int(cluster_options.get("jobs") or workers))
-        client = Client(cluster)
-    elif cluster_kind is not None:
-        raise ValueError(f"unknown cluster kind {cluster_kind!r}; use 'slurm'")
-    elif scheduler == "processes":
-        cluster = LocalCluster(
-            n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=None, memory_limit=memory_limit or "auto"
-        )
-        client = Client(cluster)
-    else:
-        cluster, client = None, Client(scheduler)
+    check_compute(scheduler, cluster_kind)
+    cluster = None
+    try:
+        if cluster_kind == "slurm":
+            cluster = slurm_cluster(cluster_options)
+            cluster.scale(jobs=int(cluster_options.get("jobs") or workers))
+            client = Client(cluster)
+        elif scheduler == "processes":
+            cluster = LocalCluster(
+                n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=None,
+                memory_limit=memory_limit or "auto", silence_logs=False if _verbose() else logging.WARNING,
+            )
+            client = Client(cluster)
+        else:
+            client = Client(scheduler, timeout="10s")
+    except (OSError, TimeoutError) as exc:
+        if cluster is not None:
+            cluster.close()
+        where = "SLURM cluster" if cluster_kind else f"Dask scheduler {scheduler}"
+        raise ComputeError(f"{where} could not be started or reached ({type(exc).__name__}: {exc})") from None
     try:
         futures = client.compute(tasks)
         order = {f.key: i for i, f in enumerate(futures)}

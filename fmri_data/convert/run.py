@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import logging
 import math
 import time
@@ -11,7 +12,7 @@ from typing import Any
 import numpy as np
 
 from ..discover import RunSpec, Source
-from ..errors import FmriDataError
+from ..errors import FmriDataError, one_line
 from ..config.recipe import Recipe, recipe_hash
 from ..read.remote import local_copies
 from ..resample.temporal import output_times
@@ -132,7 +133,7 @@ def convert_run(
     if spec.error:
         result.error = spec.error
         return result
-    warnings: list[str] = []  # the run's log, kept past a failure
+    warnings: list[str] = list(spec.notes)  # the run's log, kept past a failure
     writer = None
     store = None
     mapping: dict[str, str] = {}
@@ -163,20 +164,57 @@ def convert_run(
         result.error = _with_origins(str(exc), mapping)
     except MemoryError:
         result.error = f"{spec.primary.path}: out of memory while converting"
-    except Exception as exc:  # a bug or an unforeseen file defect: report it, keep converting others
-        log.exception("unexpected error converting %s", spec.run_id)
-        result.error = _with_origins(f"{spec.primary.path}: unexpected {type(exc).__name__}: {exc}", mapping)
+    except OSError as exc:  # the store or an input cannot be read or written (disk full, read-only, ...)
+        result.error = _with_origins(_os_error(exc, spec, store_url), mapping)
+    except Exception as exc:  # a storage backend's own error, a bug or an unforeseen file defect: keep converting others
+        log.debug("unexpected error converting %s", spec.run_id, exc_info=True)  # --verbose shows it
+        result.error = _with_origins(_backend_error(exc, spec, store_url), mapping)
     finally:
         if writer is not None and result.status != "complete":
             try:
                 writer.abort()
-            except Exception:  # pragma: no cover - best effort cleanup
+            except Exception:  # best effort: a staged run is redone by the next conversion
                 pass
         if store is not None and result.status != "claimed":
-            store.release(spec.run_id)
+            try:
+                store.release(spec.run_id)
+            except Exception as exc:  # e.g. the object store went away: the claim expires by itself
+                warnings.append(f"claim not released ({type(exc).__name__}: {exc}); it expires after its timeout")
         result.warnings = [_with_origins(w, mapping) for w in warnings]
+        result.error = one_line(result.error) if result.error else None
         result.seconds = time.perf_counter() - started
     return result
+
+
+def _os_error(exc: OSError, spec: RunSpec, store_url: str) -> str:
+    """One line for an operating-system error: the store's when the failing path is in the
+    store (or the cause is a full disk / read-only filesystem), else the input's."""
+    path = str(exc.filename or "")
+    cause = exc.strerror or str(exc)
+    store_side = exc.errno in (errno.ENOSPC, errno.EROFS, errno.EDQUOT) or (path and path.startswith(store_url.removeprefix("file://")))
+    if store_side:
+        return f"{store_url}: cannot write the store ({cause}{': ' + path if path else ''})"
+    return f"{path or spec.primary.path}: {cause}"
+
+
+#: modules whose exceptions are a storage backend failing (object storage, HTTP, Zarr)
+BACKEND_MODULES = ("botocore", "aiobotocore", "aiohttp", "s3fs", "gcsfs", "fsspec", "zarr", "google")
+
+
+def _backend_error(exc: Exception, spec: RunSpec, store_url: str) -> str:
+    """One line for an exception that is not fmri-data's own: a storage backend's error
+    names the store or the input, whichever is remote (both when both are); anything else
+    is reported as unexpected, against the run's source file."""
+    what = f"{type(exc).__name__}: {exc}"
+    if type(exc).__module__.split(".")[0] not in BACKEND_MODULES:
+        return f"{spec.primary.path}: unexpected {what}"
+    remote_store = "://" in store_url and not store_url.startswith("file://")
+    remote_input = "://" in spec.primary.path
+    if remote_store and not remote_input or type(exc).__module__.startswith("zarr"):
+        return f"{store_url}: store unavailable ({what})"
+    if remote_input and not remote_store:
+        return f"{spec.primary.path}: input unavailable ({what})"
+    return f"{spec.primary.path} -> {store_url}: storage unavailable ({what})"
 
 
 def _with_origins(text: str, mapping: dict[str, str]) -> str:

@@ -22,6 +22,10 @@ import numpy as np
 
 from ..errors import SettingError
 
+#: :func:`epi_mask`: an EPI mask with more than this fraction of voxels whose mean is exactly
+#: 0 is taken as the box of already-masked data (those voxels carry no signal).
+MASKED_ZERO_FRACTION = 0.1
+
 
 def epi_mask(mean_image: np.ndarray, affine: np.ndarray) -> np.ndarray:
     """Brain mask of an EPI run from its temporal mean image.
@@ -29,9 +33,13 @@ def epi_mask(mean_image: np.ndarray, affine: np.ndarray) -> np.ndarray:
     Uses ``nilearn.masking.compute_epi_mask`` (lower-cutoff histogram threshold, then a
     morphological opening and the largest connected component). nilearn's opening is
     counted in voxels (2 by default, tuned for ~3 mm EPI); here it is scaled to about 6 mm
-    (``round(6 / voxel size)``) so that coarse acquisitions keep their brain. When the mean
-    image carries no contrast (e.g. detrended percent signal change, mean ~0) the mask
-    falls back to the voxels whose mean is non-zero.
+    (``round(6 / voxel size)``) so that coarse acquisitions keep their brain.
+
+    Already-masked data (background exactly 0, e.g. a skull-stripped run, detrended
+    percent signal change, or a run masked to a small region): the mask is the voxels that
+    carry signal (mean non-zero) whenever nilearn's mask finds less than 1 % of the volume
+    or more than :data:`MASKED_ZERO_FRACTION` of its voxels have a mean of exactly 0 (its
+    histogram threshold then falls in the zero background and returns the box).
 
     Args:
         mean_image: ``(X, Y, Z)`` float temporal mean.
@@ -46,16 +54,18 @@ def epi_mask(mean_image: np.ndarray, affine: np.ndarray) -> np.ndarray:
 
     finite = np.nan_to_num(mean_image.astype(np.float32))
     voxel_mm = float(np.mean(np.sqrt((affine[:3, :3] ** 2).sum(axis=0))))
-    opening = int(round(6.0 / voxel_mm))
+    opening = round(6.0 / voxel_mm)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             image = compute_epi_mask(nib.Nifti1Image(finite, affine), opening=opening or False)
         mask = np.asarray(image.dataobj, dtype=bool)
-    except Exception:  # nilearn raises on flat histograms
+    except Exception:  # noqa: BLE001 - nilearn raises on flat histograms (several exception types)
         mask = np.zeros(finite.shape, dtype=bool)
-    if mask.sum() < 0.01 * mask.size:
-        mask = finite != 0
+    carries = finite != 0
+    n_mask = int(mask.sum())
+    if n_mask < 0.01 * mask.size or int((mask & ~carries).sum()) > MASKED_ZERO_FRACTION * n_mask:
+        mask = carries
     return mask
 
 

@@ -45,8 +45,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import Any, Iterable
+from typing import Any
 
 import numpy as np
 
@@ -54,6 +55,7 @@ from ..derive.windows import window_starts
 from ..errors import StoreError
 from ..store.layout import RUNS
 from ..store.root import Store
+from ..store.validate import read_run_array, run_group_problem, survey_runs
 
 #: Default delay of the haemodynamic response added to event onsets (seconds).
 DEFAULT_HRF_DELAY_S = 5.0
@@ -99,7 +101,9 @@ class WindowIndex:
         run: ``(N,) int32`` index into ``runs`` of each window.
         start: ``(N,) int64`` first frame of each window.
         event_labels: per-window event columns (event-locked windows), else empty dicts.
-        dropped: ``{run_id: reason}`` for runs (or events) left out, with the reason.
+        dropped: ``{run_id: reason}`` for runs (or events) left out, with the reason; runs
+            whose group cannot be read as complete (unreadable ``zarr.json``, no ``status``,
+            listed as complete in ``index.parquet`` but absent) are listed too.
         source: ``"sliding"``, ``"saliency"`` or ``"events"``.
         frames: ``(N, L) int64`` frame numbers of each window when they are not
             ``[start, start + L)`` (``window="first"`` / ``"evenly"``), else None.
@@ -117,7 +121,7 @@ class WindowIndex:
     frames: np.ndarray | None = None
 
     def __len__(self) -> int:
-        return int(len(self.start))
+        return len(self.start)
 
     def labels(self, i: int) -> dict[str, Any]:
         """Labels of window ``i``: run labels, then (event-locked windows) the event's columns."""
@@ -153,7 +157,7 @@ class WindowIndex:
             digest.update(self.frames.astype(np.int64).tobytes())
         return digest.hexdigest()[:16]
 
-    def select(self, keep: np.ndarray) -> "WindowIndex":
+    def select(self, keep: np.ndarray) -> WindowIndex:
         """A sub-index of the windows where the boolean ``keep`` is true (order kept)."""
         keep = np.asarray(keep, dtype=bool)
         return WindowIndex(
@@ -162,7 +166,7 @@ class WindowIndex:
             None if self.frames is None else self.frames[keep],
         )
 
-    def split(self, name: str, *, by: str = "subject", seed: int = 0, fractions: dict[str, float] | None = None) -> "WindowIndex":
+    def split(self, name: str, *, by: str = "subject", seed: int = 0, fractions: dict[str, float] | None = None) -> WindowIndex:
         """The windows of one split (see :func:`split_of`): ``by`` is ``"subject"`` or ``"run"``."""
         fractions = fractions or DEFAULT_FRACTIONS
         if name not in fractions:
@@ -313,8 +317,9 @@ def build_index(
         start order too — the top-k rank is a label, ``saliency_rank``).
 
     Raises:
-        StoreError: the store cannot be opened, an asked-for run is missing, or a saliency
-            group's window differs from ``length``.
+        StoreError: the store cannot be opened, an asked-for run is missing or unreadable
+            (naming its ``zarr.json``), a saliency group's window differs from ``length`` or
+            its ``starts``/``topk`` file is corrupt (naming the file).
         ValueError: an unknown source, or ``source="saliency"`` without ``scorer``.
     """
     if source not in SOURCES:
@@ -328,12 +333,18 @@ def build_index(
     stride = int(stride or length)
     sliding_starts(length, length, stride)  # checks length and stride
     store = Store.open(url, storage_options)
-    wanted = list(run_ids) if run_ids is not None else store.run_ids()
+    # run groups (or index.parquet rows) that are not readable complete runs: named, not lost
+    wanted, dropped = survey_runs(store) if run_ids is None else (list(run_ids), {})
     runs: list[RunEntry] = []
     run_col, start_col, events_col, frames_col = [], [], [], []
-    dropped: dict[str, str] = {}
     for run_id in wanted:
-        attrs = store.run_attrs(run_id)
+        try:
+            attrs = store.run_attrs(run_id)
+        except StoreError:
+            problem = run_group_problem(store, run_id)
+            if problem is None:
+                raise
+            raise StoreError(problem) from None
         labels = {**attrs["entities"], **{k: v for k, v in (attrs.get("participant") or {}).items() if k != "participant_id"}}
         if where and not all((labels.get(k) in v) if isinstance(v, (list, tuple, set)) else labels.get(k) == v for k, v in where.items()):
             continue
@@ -367,7 +378,8 @@ def build_index(
                     f"{store.url}/{RUNS}/{run_id}/{path}: windows of {sal.attrs['window']} frames, not {length}; "
                     f"rescore with --window {length} or ask for length={sal.attrs['window']}"
                 )
-            all_starts, topk = np.asarray(sal["starts"][...], dtype=np.int64), np.asarray(sal["topk"][...], dtype=np.int64)
+            all_starts = np.asarray(read_run_array(store, run_id, f"{path}/starts"), dtype=np.int64)
+            topk = np.asarray(read_run_array(store, run_id, f"{path}/topk"), dtype=np.int64)
             order = np.argsort(all_starts[topk], kind="stable")
             starts = all_starts[topk][order]
             rows = [{"saliency_rank": int(rank)} for rank in order]

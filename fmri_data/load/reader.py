@@ -15,16 +15,25 @@ import logging
 import os
 import threading
 from collections import deque
+from collections.abc import Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, Iterable, Iterator
+from typing import Any
 
 import numpy as np
 from fsspec.implementations.local import LocalFileSystem
 
 from ..errors import FmriDataError
+from ..store.direct import (
+    EMPTY,
+    chunk_spans,
+    direct_layout,
+    read_frames,
+    shard_index,
+    will_need,
+)
 from ..store.layout import RUNS
 from ..store.root import Store
-from ..store.direct import EMPTY, chunk_spans, direct_layout, read_frames, shard_index, will_need
+from ..store.validate import corrupt_blocks, missing_shards
 from .index import WindowIndex
 
 log = logging.getLogger("fmri_data.load")
@@ -32,17 +41,17 @@ ON_ERROR = ("raise", "skip")
 
 
 class ChunkError(FmriDataError):
-    """A chunk of a window is missing or corrupt.
+    """A chunk of a window, or of the run's mask, is missing or corrupt.
 
-    Attributes: ``run_id``, ``array``, ``frames`` (``(start, stop)`` of the chunk),
-    ``shard`` (the shard file, relative to the store), ``cause``.
+    Attributes: ``run_id``, ``array``, ``frames`` (``(start, stop)`` of the chunk; None for
+    an array without a time axis, such as ``brain_mask``), ``shard`` (the shard or chunk
+    file, or the array's ``zarr.json``, relative to the store), ``cause``.
     """
 
-    def __init__(self, url: str, run_id: str, array: str, frames: tuple[int, int], shard: str, cause: str):
+    def __init__(self, url: str, run_id: str, array: str, frames: tuple[int, int] | None, shard: str, cause: str):
         self.run_id, self.array, self.frames, self.shard, self.cause = run_id, array, frames, shard, cause
-        super().__init__(
-            f"{url}/{RUNS}/{run_id}/{array}: chunk of frames [{frames[0]}, {frames[1]}) in shard {shard}: {cause}"
-        )
+        where = f"chunk of frames [{frames[0]}, {frames[1]}) in shard {shard}" if frames is not None else f"file {shard}"
+        super().__init__(f"{url}/{RUNS}/{run_id}/{array}: {where}: {cause}")
 
 
 class WindowReader:
@@ -53,7 +62,9 @@ class WindowReader:
         on_error: ``"raise"`` (default) a :class:`ChunkError`, or ``"skip"``: log it at
             WARNING on logger ``fmri_data.load`` and return None.
         mask: an array of each run to read once and return with its windows
-            (``"flat_mask"``, ``"brain_mask"``), or None.
+            (``"flat_mask"``, ``"brain_mask"``), or None. A mask that is missing a file or
+            fails its CRC is a :class:`ChunkError` of every window of that run (skipped
+            with ``on_error="skip"``).
     """
 
     def __init__(self, index: WindowIndex, on_error: str = "raise", mask: str | None = None):
@@ -123,15 +134,47 @@ class WindowReader:
         return missing
 
     def mask(self, r: int) -> np.ndarray | None:
-        """The run's mask array (``mask`` argument), read once per process; None without one."""
+        """The run's mask array (``mask`` argument), read once per process; None without one.
+
+        Raises:
+            ChunkError: the mask's chunk file is missing or corrupt, or its ``zarr.json``
+                unreadable (naming the run, the array and the file; raised again on every
+                later call for that run).
+            KeyError: the run has no array ``mask``.
+        """
         if self.mask_name is None:
             return None
         store = self.store()
         with self._lock:
             if r not in self._masks:
-                entry = self.index.runs[r]
-                self._masks[r] = np.asarray(store.run(entry.run_id)[self.mask_name][...])
-        return self._masks[r]
+                try:
+                    self._masks[r] = self._read_mask(store, self.index.runs[r])
+                except ChunkError as exc:
+                    self._masks[r] = exc
+        value = self._masks[r]
+        if isinstance(value, ChunkError):
+            raise ChunkError(self.index.url, value.run_id, value.array, value.frames, value.shard, value.cause)
+        return value
+
+    def _read_mask(self, store: Store, entry) -> np.ndarray:
+        name, run_id, url = self.mask_name, entry.run_id, self.index.url
+        group = store.run(run_id)
+        try:
+            array = group[name]
+        except KeyError:
+            raise
+        except Exception as exc:  # undecodable metadata: zarr raises several types
+            raise ChunkError(url, run_id, name, None, f"{RUNS}/{run_id}/{name}/zarr.json",
+                             f"unreadable ({type(exc).__name__}: {exc})") from exc
+        missing = missing_shards(store, run_id, name)
+        if missing:  # zarr would return fill values for it, silently
+            raise ChunkError(url, run_id, name, None, f"{RUNS}/{run_id}/{missing[0]}", "file missing")
+        try:
+            return np.asarray(array[...])
+        except Exception as exc:  # CRC-32C mismatch (ValueError), truncated or undecodable
+            bad = corrupt_blocks(array)
+            key, error = (bad[0][0], bad[0][2]) if bad else ("c", f"{type(exc).__name__}: {exc}")
+            raise ChunkError(url, run_id, name, None, f"{RUNS}/{run_id}/{name}/{key}", f"unreadable ({error})") from exc
 
     # ------------------------------------------------------------------ reading
     def _shard_key(self, entry, t: int) -> str:
@@ -176,6 +219,8 @@ class WindowReader:
 
     def _read_span(self, i: int, r: int, entry, start: int, stop: int, out: np.ndarray | None) -> np.ndarray | None:
         try:
+            if self.mask_name is not None:
+                self.mask(r)  # a corrupt mask fails (or skips) each window of its run
             array = self._array(r)
             for t in range(start // entry.shard_frames, (stop - 1) // entry.shard_frames + 1):
                 if t in self._missing[r]:
@@ -241,7 +286,7 @@ class WindowReader:
             b = min(a + c, entry.n_frames)
             try:
                 array[a:b]
-            except Exception as inner:
+            except Exception as inner:  # noqa: BLE001 - any decoding failure locates the chunk
                 return ChunkError(self.index.url, entry.run_id, entry.array, (a, b),
                                   self._shard_key(entry, a // entry.shard_frames), f"unreadable ({type(inner).__name__}: {inner})")
         a = (start // entry.shard_frames) * entry.shard_frames

@@ -1,16 +1,20 @@
-"""The dataset QA report: one self-contained HTML file (figures embedded as base64 PNG).
+"""The dataset QA report: one self-contained HTML file (figures embedded as WebP / PNG data URIs).
 
 Reads a store (never writes to it except ``qa.parquet``); covers its complete runs only
 (:meth:`Store.run_ids`), so a store still being converted can be reported on.
 
-Contents: a sortable table of runs and their metrics; the distribution of each metric
-across runs with outliers flagged by the robust z-score ``z = (x - median) / (1.4826
-MAD)`` (Iglewicz & Hoaglin 1993; MAD the median absolute deviation across runs of the
-same kind — volume, GIFTI, dense or parcellated CIFTI — when there are at least 3); the
-runs the recipe's ``qa.exclude`` thresholds suggest excluding, with the reasons; one
-section per run with its metrics, notes, warnings, figures, sidecar and events. Every
-string from the dataset is HTML-escaped (jinja2 autoescape), so file names, sidecar
-values or event labels are shown as text and never run as markup or script.
+Contents: a sortable table of runs and their metrics (first column sticky, a column
+listing each run's outliers); the distribution of each metric across runs, one plot per
+comparison group, with outliers flagged by the robust z-score ``z = (x - median) / scale``
+(Iglewicz & Hoaglin 1993) across runs of the same kind — volume, GIFTI, dense or
+parcellated CIFTI, demeaned series apart — when at least 3 have a value; the scale is
+``1.4826 MAD``, else ``1.2533`` mean absolute deviation, else ``IQR / 1.349``, each only
+when above ``max(resolution, 1 % of |median|)`` (:func:`robust_scale`), else no z ("n/a"
+with the reason) and no flag; the runs the recipe's ``qa.exclude`` thresholds suggest
+excluding, with the reasons; one section per run with its metrics, notes, warnings,
+figures, sidecar and events. Every string from the dataset is HTML-escaped (jinja2
+autoescape), so file names, sidecar values or event labels are shown as text and never
+run as markup or script.
 """
 
 from __future__ import annotations
@@ -23,16 +27,26 @@ from typing import Any
 
 import numpy as np
 from jinja2 import Environment, FileSystemLoader, select_autoescape
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+)
 
-from ..store.root import Store
 from ..store.layout import now
+from ..store.root import Store
 from . import figures
 from .table import METRICS, qa_rows, write_qa_table
 
 TEMPLATES = Path(__file__).resolve().parent / "templates"
 MAD_TO_SD = 1.4826
 MEANAD_TO_SD = 1.2533
+IQR_TO_SD = 1.349
+REL_FLOOR = 0.01  # spreads below 1 % of the median are no spread (robust_scale)
+COUNT_METRICS = ("fd_num", "dummy_trs", "frames_dropped")  # frame counts: resolution one frame
+MIN_RUNS = 3
 DEFAULT_EXCLUDE = {"fd_mean_mm": 0.5, "fd_perc": 20.0, "tsnr_min": 30.0}
 DEFAULT_ROBUST_Z = 3.5
 
@@ -47,7 +61,7 @@ class Thresholds:
     robust_z: float = DEFAULT_ROBUST_Z
 
     @classmethod
-    def from_recipe(cls, recipe: dict[str, Any], **overrides: float | None) -> "Thresholds":
+    def from_recipe(cls, recipe: dict[str, Any], **overrides: float | None) -> Thresholds:
         """The recipe's ``qa.exclude`` and ``qa.robust_z`` (defaults where absent), then ``overrides`` not None."""
         qa = recipe.get("qa") or {}
         exclude = {**DEFAULT_EXCLUDE, **(qa.get("exclude") or {})} if qa.get("exclude", {}) is not None else {}
@@ -61,16 +75,55 @@ class Thresholds:
         return out
 
 
-def robust_z(values: np.ndarray) -> np.ndarray:
-    """Robust z-score of each value across runs: ``(x - median) / (1.4826 MAD)``.
+def robust_scale(values: np.ndarray, resolution: float = 0.0) -> tuple[float | None, str]:
+    """The spread robust z divides by, or None with the reason no z is computed.
 
-    NaN stays NaN. When ``MAD = 0`` (more than half the runs equal) the scale is
-    ``1.2533 * mean |x - median|`` instead (the mean absolute deviation, scaled to a
-    Gaussian's std; the usual fallback of the modified z-score); when that is 0 too,
-    every z is 0.
+    Candidates, in order, each scaled to a Gaussian's standard deviation: ``1.4826 MAD``
+    (median absolute deviation; Iglewicz & Hoaglin 1993), ``1.2533 mean |x - median|``
+    (the modified z-score's fallback when more than half the values are equal), ``IQR /
+    1.349``. The first one larger than the floor ``max(resolution, 0.01 |median|)`` is
+    used. The floor keeps z from exploding on a degenerate spread: a spread below the
+    metric's resolution (one frame for frame counts) or below 1 % of the typical value is
+    no spread to measure outliers against, so a run one frame over the FD threshold when
+    the others have none, or an EFC 0.5 % off the median, is not flagged. When no
+    candidate clears the floor there is no z (and no outlier flag).
+
+    Args:
+        values: ``(n_runs,)`` float; NaN (metric undefined for a run) is ignored.
+        resolution: the smallest meaningful difference of the metric, in its unit (0: none).
+
+    Returns:
+        ``(scale, name of the estimator)`` or ``(None, reason)``.
+    """
+    v = np.asarray(values, dtype=np.float64)
+    v = v[np.isfinite(v)]
+    if v.size == 0:
+        return None, "no run has a value"
+    median = float(np.median(v))
+    dev = np.abs(v - median)
+    floor = max(float(resolution), REL_FLOOR * abs(median))
+    q25, q75 = np.percentile(v, [25, 75])
+    for scale, name in ((MAD_TO_SD * np.median(dev), "1.4826 MAD"),
+                        (MEANAD_TO_SD * dev.mean(), "1.2533 mean absolute deviation"),
+                        ((q75 - q25) / IQR_TO_SD, "IQR / 1.349")):
+        if scale > floor:
+            return float(scale), name
+    if dev.max() == 0:
+        return None, "every run has the same value"
+    what = f"the metric's resolution ({resolution:.3g})" if resolution >= REL_FLOOR * abs(median) else "1 % of the median"
+    return None, f"the runs' spread is below {what}: no meaningful deviation"
+
+
+def robust_z(values: np.ndarray, resolution: float = 0.0) -> np.ndarray:
+    """Robust z-score of each value across runs: ``(x - median) / scale``.
+
+    ``scale`` is :func:`robust_scale`'s (``1.4826 MAD``, else ``1.2533`` mean absolute
+    deviation, else ``IQR / 1.349``, each only when above ``max(resolution, 0.01
+    |median|)``); when none is, every z is NaN (no z, no outlier). NaN stays NaN.
 
     Args:
         values: ``(n_runs,)`` float.
+        resolution: the metric's smallest meaningful difference (e.g. 1 for a frame count).
 
     Returns:
         ``(n_runs,)`` float64.
@@ -78,15 +131,31 @@ def robust_z(values: np.ndarray) -> np.ndarray:
     v = np.asarray(values, dtype=np.float64)
     ok = np.isfinite(v)
     out = np.full(v.shape, np.nan)
-    if not ok.any():
-        return out
-    centred = v[ok] - np.median(v[ok])
-    dev = np.abs(centred)
-    scale = np.median(dev) * MAD_TO_SD
-    if scale == 0:
-        scale = dev.mean() * MEANAD_TO_SD
-    out[ok] = centred / scale if scale > 0 else 0.0
+    scale, _ = robust_scale(v, resolution)
+    if scale is not None:
+        out[ok] = (v[ok] - np.median(v[ok])) / scale
     return out
+
+
+def metric_resolution(key: str, n_frames: np.ndarray) -> float:
+    """The smallest meaningful difference of a metric: one frame for frame counts, one
+    frame's share for ``fd_perc`` (``100 / median n_frames``), else 0 (1 % of the median applies)."""
+    if key in COUNT_METRICS:
+        return 1.0
+    if key == "fd_perc" and np.size(n_frames):
+        return 100.0 / float(np.median(n_frames))
+    return 0.0
+
+
+def comparison_group(row: dict[str, Any], qa: dict[str, Any]) -> str:
+    """The runs a run is compared with: its kind (``volume``, ``gifti``, ``cifti_dense``,
+    ``cifti_parcels``), split by demeaned series (the run's ``qa.demeaned``): intensity
+    metrics (AQI, EFC, DVARS nstd) of percent-signal-change data do not compare with raw intensities."""
+    kind = row.get("kind") or "unknown"
+    demeaned = qa.get("demeaned")
+    if demeaned is None:  # runs converted before the flag was recorded
+        demeaned = any("series look demeaned" in str(n) for n in qa.get("notes") or [])
+    return f"{kind}, demeaned" if demeaned else kind
 
 
 def exclusion_reasons(row: dict[str, Any], t: Thresholds, fd_threshold_mm: float | None) -> list[str]:
@@ -167,13 +236,29 @@ def render_report(
         pass  # a read-only store (e.g. a public bucket) is reported on without its table
     labels = {key: label for key, label, _ in METRICS}
     table = {key: np.array([np.nan if r[key] is None else float(r[key]) for r in rows]) for key, _, _ in METRICS}
-    kinds = np.array([r["kind"] or "" for r in rows])
+    groups = np.array([comparison_group(r, attrs[r["run_id"]].get("qa") or {}) for r in rows])
+    n_frames = np.array([r["n_frames"] for r in rows], dtype=np.float64)
     zscores = {key: np.full(len(rows), np.nan) for key in table}
-    for kind in set(kinds):  # runs are compared with runs of the same kind (volume, gifti, CIFTI)
-        same = kinds == kind
-        if same.sum() >= 3:
-            for key, v in table.items():
-                zscores[key][same] = robust_z(v[same])
+    z_reason = {key: [""] * len(rows) for key in table}  # why a run has no z for a metric
+    scales: list[dict[str, Any]] = []  # per comparison group: the scale of each metric (shown in the report)
+    for group in sorted(set(groups)):  # runs are compared with runs of the same kind only
+        same = groups == group
+        entry = {"group": group, "n_runs": int(same.sum()), "metrics": []}
+        for key, v in table.items():
+            vals = v[same]
+            if not np.isfinite(vals).any():
+                continue
+            if np.isfinite(vals).sum() < MIN_RUNS:
+                scale, how = None, f"fewer than {MIN_RUNS} runs of this kind ({group}) have a value"
+            else:
+                scale, how = robust_scale(vals, metric_resolution(key, n_frames[same]))
+            if scale is not None:
+                zscores[key][same] = robust_z(vals, metric_resolution(key, n_frames[same]))
+            for i in np.flatnonzero(same & np.isfinite(v)):
+                z_reason[key][i] = "" if scale is not None else how
+            entry["metrics"].append({"label": labels[key], "median": _fmt(float(np.nanmedian(vals))),
+                                     "scale": _fmt(scale) if scale is not None else "n/a", "how": how})
+        scales.append(entry)
     flags = {key: np.abs(np.nan_to_num(z, nan=0.0)) > thresholds.robust_z for key, z in zscores.items()}
     result = ReportResult(str(output), len(run_ids))
     runs = []
@@ -191,12 +276,14 @@ def render_report(
             if outliers:
                 result.outliers[run_id] = outliers
             metrics = [{"key": k, "label": labels[k], "value": _fmt(row[k]), "sort": "" if row[k] is None else row[k],
-                        "z": "" if not np.isfinite(zscores[k][i]) else f"{zscores[k][i]:+.1f}", "flag": bool(flags[k][i])}
+                        "z": f"{zscores[k][i]:+.1f}" if np.isfinite(zscores[k][i]) else ("n/a" if z_reason[k][i] else ""),
+                        "z_reason": z_reason[k][i], "flag": bool(flags[k][i])}
                        for k in table]
             runs.append({
                 "run_id": run_id,
                 "anchor": "run-" + run_id,
                 "kind": row["kind"] or "–",
+                "group": str(groups[i]),
                 "tr_s": _fmt(a["tr_s"]),
                 "n_frames": a["n_frames"],
                 "metrics": metrics,
@@ -228,7 +315,9 @@ def render_report(
         excluded=result.excluded,
         outliers=result.outliers,
         not_converted=not_converted,
-        distributions=figures.distributions(table, flags, labels) if with_figures and runs else None,
+        distributions=figures.distributions(table, flags, labels, groups, MIN_RUNS) if with_figures and runs else [],
+        scales=scales,
+        rel_floor=f"{REL_FLOOR:.0%}",
     )
     Path(output).write_text(html, encoding="utf-8")
     return result

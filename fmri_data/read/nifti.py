@@ -20,9 +20,7 @@ import numpy as np
 from nibabel import orientations
 
 from ..errors import InputError
-
 from .common import READ_ERRORS, TIME_UNITS, check_size, load_image
-
 
 
 def _ras_orientation(affine: np.ndarray) -> np.ndarray:
@@ -47,6 +45,8 @@ class VolumeSeries:
         header_time_unit: ``xyzt_units`` time unit as nibabel names it (``sec``, ``msec``,
             ``usec``, ``unknown``).
         dtype: on-disk data type.
+        warnings: what the header leaves ambiguous and how it was resolved (a qform that
+            disagrees with the sform), for the run's log.
     """
 
     path: str
@@ -57,6 +57,7 @@ class VolumeSeries:
     dtype: np.dtype
     _img: Any = field(repr=False)
     _ornt: np.ndarray = field(repr=False)
+    warnings: list[str] = field(default_factory=list)
 
     @property
     def n_frames(self) -> int:
@@ -96,12 +97,40 @@ def _header_tr(header: Any) -> tuple[float | None, str]:
     return value, unit
 
 
+#: largest |difference| (mm) between the qform and sform affines taken as agreement
+QFORM_SFORM_TOLERANCE_MM = 1e-3
+
+
+def header_warnings(img: Any) -> list[str]:
+    """Ambiguities of a NIfTI header: qform and sform both set (codes > 0) but mapping voxels
+    to different places (largest difference over the corners of the image). nibabel, FSL and
+    fMRIPrep use the sform then; ITK/ANTs use the qform, so the two tools disagree on where
+    the brain is.
+    """
+    header = img.header
+    try:
+        qform, qcode = header.get_qform(coded=True)
+        sform, scode = header.get_sform(coded=True)
+    except (AttributeError, ValueError, TypeError):
+        return []
+    if qform is None or sform is None or not qcode or not scode:
+        return []
+    shape = np.asarray(img.shape[:3], dtype=float) - 1
+    corners = np.array([[i, j, k, 1.0] for i in (0, shape[0]) for j in (0, shape[1]) for k in (0, shape[2])]).T
+    diff = float(np.abs((qform - sform) @ corners).max())
+    if diff <= QFORM_SFORM_TOLERANCE_MM:
+        return []
+    return [(f"qform and sform disagree by up to {diff:.3g} mm; using the sform (as nibabel, FSL and fMRIPrep do; "
+             "ITK/ANTs would use the qform)")]
+
+
 def open_volume(path: str | Path) -> VolumeSeries:
     """Open a 4D NIfTI-1/NIfTI-2 BOLD series (``.nii`` or ``.nii.gz``) without reading voxels.
 
     Raises:
-        InputError: the file is missing, its header is unreadable, or it is not 4D with at
-            least 2 frames.
+        InputError: the file is missing, its header is unreadable, it holds complex values
+            (a phase/magnitude pair is not a BOLD series: take the magnitude first), or it
+            is not 4D with at least 2 frames.
     """
     img = load_image(path)
     shape = tuple(int(s) for s in img.shape)
@@ -110,6 +139,9 @@ def open_volume(path: str | Path) -> VolumeSeries:
     if shape[3] < 2:
         raise InputError(path, f"only {shape[3]} frame; a BOLD series needs at least 2")
     check_size(path, img, shape)
+    dtype = np.dtype(img.get_data_dtype())
+    if dtype.kind == "c":
+        raise InputError(path, f"complex-valued data ({dtype}); a BOLD series is real: store its magnitude (abs) first")
     affine = np.asarray(img.affine, dtype=np.float64)
     if not np.all(np.isfinite(affine)) or abs(np.linalg.det(affine[:3, :3])) < 1e-9:
         raise InputError(path, "affine is singular or not finite")
@@ -122,9 +154,10 @@ def open_volume(path: str | Path) -> VolumeSeries:
         affine=_ras_affine(affine, ornt, shape),
         header_tr_s=tr,
         header_time_unit=unit,
-        dtype=np.dtype(img.get_data_dtype()),
+        dtype=dtype,
         _img=img,
         _ornt=ornt,
+        warnings=header_warnings(img),
     )
 
 

@@ -24,9 +24,16 @@ order. Composites keep each component's own label order (Tian S3 by ``index`` of
 Any ``a+b+...`` of registered names concatenates their parcels in that order. A path to a
 ``*_dseg.nii.gz`` file is accepted too (labels from a BIDS ``*_dseg.tsv`` beside it).
 
-Atlas files are looked up in an atlas folder: the ``atlas_dir`` argument, else the
+Atlas files are looked up first in an atlas folder: the ``atlas_dir`` argument, else the
 ``FMRI_DATA_ATLAS_DIR`` environment variable, else ``~/.cache/fmri-data/atlases``. File
-names are TemplateFlow's (``tpl-MNI152NLin6Asym_res-02_atlas-..._dseg.nii.gz``).
+names are TemplateFlow's (``tpl-MNI152NLin6Asym_res-02_atlas-..._dseg.nii.gz``). A file
+not there is then taken from the TemplateFlow home that fMRIPrep users already have
+(``$TEMPLATEFLOW_HOME``, default ``~/.cache/templateflow``: ``tpl-<space>/<file>``; the
+Schaefer label names from TemplateFlow's ``..._dseg.tsv``, whose ``7Networks_`` /
+``17Networks_`` prefix is dropped so that the names equal those of Schaefer's
+``_labels.txt``), and finally, when the ``templateflow`` package is installed and the
+machine is online, fetched by ``templateflow.api.get``. Tian S3 and A424 are not in
+TemplateFlow: they come from the atlas folder only.
 """
 
 from __future__ import annotations
@@ -45,6 +52,7 @@ from ..read.common import file_sha256
 from ..read.nifti import read_image_3d
 
 ATLAS_DIR_ENV = "FMRI_DATA_ATLAS_DIR"
+TEMPLATEFLOW_HOME_ENV = "TEMPLATEFLOW_HOME"
 
 
 @dataclass(frozen=True)
@@ -61,6 +69,7 @@ class AtlasEntry:
     n_parcels: int
     surface: str | None = None
     reference: str = ""
+    templateflow_labels: str | None = None  # the label table's TemplateFlow name (bids_tsv), if it has one
 
 
 REGISTRY: dict[str, AtlasEntry] = {
@@ -72,6 +81,7 @@ REGISTRY: dict[str, AtlasEntry] = {
             "atlas-Schaefer2018_desc-400Parcels7Networks_labels.txt", "lines", 400,
             "tpl-fsLR_den-32k_atlas-Schaefer2018_desc-400Parcels7Networks_dseg.dlabel.nii",
             "Schaefer et al. 2018, Cereb Cortex 28:3095",
+            "tpl-MNI152NLin6Asym_atlas-Schaefer2018_desc-400Parcels7Networks_dseg.tsv",
         ),
         AtlasEntry(
             "schaefer400_17n", "Schaefer-400, 17 networks", "MNI152NLin6Asym", 2,
@@ -79,6 +89,7 @@ REGISTRY: dict[str, AtlasEntry] = {
             "atlas-Schaefer2018_desc-400Parcels17Networks_labels.txt", "lines", 400,
             "tpl-fsLR_den-32k_atlas-Schaefer2018_desc-400Parcels17Networks_dseg.dlabel.nii",
             "Schaefer et al. 2018, Cereb Cortex 28:3095",
+            "tpl-MNI152NLin6Asym_atlas-Schaefer2018_desc-400Parcels17Networks_dseg.tsv",
         ),
         AtlasEntry(
             "tian_s3", "Tian subcortex scale III", "MNI152NLin6Asym", 2,
@@ -156,11 +167,51 @@ def atlas_dir(explicit: str | Path | None = None) -> Path:
     return Path.home() / ".cache" / "fmri-data" / "atlases"
 
 
-def _find(filename: str, folder: Path) -> Path:
+def templateflow_home() -> Path:
+    """TemplateFlow's cache folder: ``$TEMPLATEFLOW_HOME``, else ``~/.cache/templateflow``."""
+    return Path(os.environ.get(TEMPLATEFLOW_HOME_ENV) or Path.home() / ".cache" / "templateflow").expanduser()
+
+
+def _find(filename: str, folder: Path, space: str, templateflow_name: str | None = None) -> Path:
+    """``folder/filename``, else the TemplateFlow home's copy, else a TemplateFlow download.
+
+    Raises:
+        InputError: in none of them; the message names both places looked in.
+    """
     path = folder / filename
-    if not path.is_file():
-        raise InputError(path, f"atlas file not found (set --atlas-dir or ${ATLAS_DIR_ENV} to the folder holding it)")
-    return path
+    if path.is_file():
+        return path
+    tf_name = templateflow_name or filename
+    tf_path = templateflow_home() / f"tpl-{space}" / tf_name
+    if tf_path.is_file() and tf_path.stat().st_size > 0:  # TemplateFlow's skeleton holds empty placeholders
+        return tf_path
+    fetched = _templateflow_get(tf_name)
+    if fetched is not None:
+        return fetched
+    raise InputError(path, f"atlas file not found, nor {tf_name} in TemplateFlow ({tf_path.parent}); put it in the "
+                           f"atlas folder (--atlas-dir or ${ATLAS_DIR_ENV}) or in ${TEMPLATEFLOW_HOME_ENV}")
+
+
+def _templateflow_get(filename: str) -> Path | None:
+    """Fetch a TemplateFlow file by its name with ``templateflow.api.get`` (the package is
+    optional; None when it is missing, offline, or TemplateFlow has no such file)."""
+    import importlib.util
+
+    entities = dict(re.findall(r"([a-z]+)-([A-Za-z0-9]+)(?=_)", filename))
+    if "tpl" not in entities or importlib.util.find_spec("templateflow") is None:
+        return None
+    suffix, _, extension = filename.rsplit("_", 1)[-1].partition(".")
+    query = {k: v for k, v in entities.items() if k in ("atlas", "desc", "den", "hemi")}
+    if "res" in entities:
+        query["resolution"] = int(entities["res"])
+    try:
+        from templateflow import api
+
+        found = api.get(entities["tpl"], suffix=suffix, extension=f".{extension}", **query)
+    except Exception:  # offline, or an unknown query: the caller says where it looked
+        return None
+    found = found if isinstance(found, list) else [found]
+    return Path(found[0]) if len(found) == 1 and Path(found[0]).is_file() else None
 
 
 def _read_label_names(path: Path, fmt: str) -> tuple[list[int], list[str]]:
@@ -199,8 +250,8 @@ def _label_image(path: Path) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _load_registered(entry: AtlasEntry, folder: Path) -> VolumeAtlas:
-    volume = _find(entry.volume, folder)
-    label_file = _find(entry.labels, folder)
+    volume = _find(entry.volume, folder, entry.space)
+    label_file = _find(entry.labels, folder, entry.space, entry.templateflow_labels)
     data, affine = _label_image(volume)
     grid = template_grid(entry.space, entry.resolution)
     if not grid_matches(data.shape, affine, grid):
@@ -209,14 +260,23 @@ def _load_registered(entry: AtlasEntry, folder: Path) -> VolumeAtlas:
             f"atlas grid {data.shape} with voxel origin {affine[:3, 3].round(2).tolist()} does not match "
             f"{entry.space} res-{entry.resolution} {grid.shape} (an atlas on another grid)",
         )
-    values, names = _read_label_names(label_file, entry.label_format)
+    if label_file.name == entry.templateflow_labels:  # TemplateFlow's table: index, name (with the network prefix)
+        values, names = _read_label_names(label_file, "bids_tsv")
+        names = [re.sub(r"^\d+Networks_", "", n) for n in names]
+    else:
+        values, names = _read_label_names(label_file, entry.label_format)
     if len(names) != entry.n_parcels:
         raise InputError(label_file, f"{len(names)} label names; {entry.name} has {entry.n_parcels} parcels")
     present = set(np.unique(data).tolist()) - {0}
     unknown = present - set(values)
     if unknown:
         raise InputError(volume, f"label values {sorted(unknown)[:5]} are not in {label_file.name}")
-    surface = folder / entry.surface if entry.surface and (folder / entry.surface).is_file() else None
+    surface = None
+    if entry.surface:
+        try:
+            surface = _find(entry.surface, folder, "fsLR")
+        except InputError:
+            surface = None  # surface runs then use the volume labels projected onto the surface
     files = {"volume": {"path": str(volume), "sha256": file_sha256(volume)}, "labels": {"path": str(label_file), "sha256": file_sha256(label_file)}}
     return VolumeAtlas(entry.name, names, np.asarray(values, dtype=np.int32), data, affine, entry.space, files, str(surface) if surface else None)
 

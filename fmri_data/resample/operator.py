@@ -13,8 +13,9 @@ Backends (``method``):
 - ``"numba"``: a CPU kernel compiled with ``parallel=True`` (rows split over threads,
   the inner loop runs over contiguous columns) and ``cache=True`` (compiled once, then
   loaded from numba's on-disk cache by each new process);
-- ``"torch"``: ``torch.sparse.mm`` on a CSR tensor (cuSPARSE on CUDA, used automatically
-  when a CUDA device is present unless ``device="cpu"``);
+- ``"torch"``: ``torch.sparse.mm`` on a CSR tensor (cuSPARSE on CUDA; ``method="auto"``
+  uses it when a CUDA device is present and measured faster than numba on this machine,
+  :func:`cuda_is_faster`, unless ``device="cpu"``);
 - ``"sparse"`` / ``"reference"``: ``scipy.sparse`` ``M @ x``, the reference result.
 
 Columns are processed in chunks of bounded bytes, so a backend never holds more than one
@@ -27,6 +28,7 @@ import functools
 import importlib.util
 import threading
 import warnings
+from collections.abc import Callable
 
 import numba
 import numpy as np
@@ -99,8 +101,10 @@ def resolve_backend(method: str = "auto", device: str = "auto") -> tuple[str, st
     """Backend and device for a request.
 
     Args:
-        method: ``"auto"`` (torch on CUDA when available and ``device`` allows, else
-            numba), ``"numba"``, ``"torch"``, ``"sparse"`` or ``"reference"`` (both scipy).
+        method: ``"auto"`` (torch on CUDA when a CUDA device is present, ``device``
+            allows it and :func:`cuda_is_faster` measured it faster than numba on this
+            machine; else numba), ``"numba"``, ``"torch"``, ``"sparse"`` or ``"reference"``
+            (both scipy).
         device: ``"auto"``, ``"cpu"`` or ``"cuda"`` (``"cuda:N"`` accepted).
 
     Returns:
@@ -122,10 +126,55 @@ def resolve_backend(method: str = "auto", device: str = "auto") -> tuple[str, st
         if wants_cuda:
             raise SettingError(f"method {method!r} runs on the CPU only; use method 'torch' or 'auto' for {device}")
         return ("sparse" if method == "reference" else method), "cpu"
-    on_gpu = wants_cuda or (device == "auto" and cuda_available())
+    if method == "auto" and not wants_cuda:
+        on_gpu = device == "auto" and cuda_available() and cuda_is_faster()
+    else:
+        on_gpu = wants_cuda or (device == "auto" and cuda_available())
     if method == "auto" and not on_gpu:
         return "numba", "cpu"
     return "torch", (device if wants_cuda else "cuda") if on_gpu else "cpu"
+
+
+def fastest(candidates: dict[str, Callable[[], object]], repeats: int = 3) -> str:
+    """The key of the candidate whose call is fastest (median of ``repeats`` timed calls,
+    after one untimed warm-up call that pays compilation and device start-up)."""
+    import time
+
+    timings = {}
+    for name, call in candidates.items():
+        call()
+        samples = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            call()
+            samples.append(time.perf_counter() - start)
+        timings[name] = sorted(samples)[len(samples) // 2]
+    return min(timings, key=timings.get)
+
+
+@functools.lru_cache(maxsize=1)
+def cuda_is_faster() -> bool:
+    """Whether torch on the CUDA device applies a spatial-resampling-sized operator
+    (110,592 target voxels x 8 weights over 65,536 source voxels, 32 frames, host arrays in
+    and out, transfers included) faster than the numba kernel on this machine's cores.
+
+    Measured once per process (about a second) the first time ``method="auto"`` meets a
+    CUDA device, because neither wins everywhere: on an H200 with 16 cores, the per-chunk
+    synchronous copies made torch-CUDA ten times slower than numba (issue 20).
+    """
+    import logging
+
+    rng = np.random.default_rng(0)
+    rows, cols, frames = 48**3, 2**16, 32
+    matrix = sp.csr_matrix(
+        (rng.random(rows * 8, dtype=np.float32), rng.integers(0, cols, rows * 8), np.arange(0, rows * 8 + 1, 8)),
+        shape=(rows, cols),
+    )
+    x = rng.standard_normal((cols, frames), dtype=np.float32)
+    ops = {"cuda": PreparedOperator(matrix, "torch", "cuda"), "numba": PreparedOperator(matrix, "numba", "cpu")}
+    winner = fastest({name: functools.partial(op, x) for name, op in ops.items()})
+    logging.getLogger(__name__).info("resampling method 'auto': %s measured faster on this machine", winner)
+    return winner == "cuda"
 
 
 class PreparedOperator:

@@ -3,21 +3,29 @@
 from __future__ import annotations
 
 import json
+import logging
 from typing import Any
 
+from .layout import INDEX
 from .root import Store
 from .saliency_group import read_run_saliency
+from .validate import broken_runs
+
+log = logging.getLogger("fmri_data.store.inspect")
 
 
 def summarize(store: Store) -> dict[str, Any]:
     """Store summary as plain data.
 
     Returns:
-        ``{"store", "recipe", "schema_version", "created", "runs": [...], "not_converted": [...]}``
-        where each run has ``run_id``, ``tr_s``, ``n_frames``, ``arrays`` (name -> shape,
-        dtype), ``nbytes`` (stored), ``warnings``, ``saliency`` (top-k windows per scorer,
-        :func:`saliency_summary`); ``not_converted`` lists failed or
-        skipped runs from the index with their reason.
+        ``{"store", "recipe", "schema_version", "created", "runs": [...], "not_converted": [...],
+        "unreadable": [...]}`` where each run has ``run_id``, ``tr_s``, ``n_frames``,
+        ``arrays`` (name -> shape, dtype), ``nbytes`` (stored), ``warnings``, ``saliency``
+        (top-k windows per scorer, :func:`saliency_summary`); ``not_converted`` lists failed
+        or skipped runs from the index with their reason; ``unreadable`` lists run groups
+        (or runs the index says are complete) that readers cannot see, ``{run_id, reason}``
+        (:func:`fmri_data.store.validate.broken_runs`). An unreadable ``index.parquet`` is
+        logged at WARNING on ``fmri_data.store.inspect`` and the runs are still listed.
     """
     attrs = store.attrs
     runs = []
@@ -40,12 +48,17 @@ def summarize(store: Store) -> dict[str, Any]:
                 "saliency": saliency_summary(group, run_attrs["tr_s"]),
             }
         )
-    index = store.read_index()
+    try:
+        rows = store.read_index().to_dict(orient="records")
+    except Exception as exc:  # noqa: BLE001 - pyarrow, fsspec and StoreError alike: say so, list the runs
+        log.warning("%s/%s: unreadable (%s: %s)", store.url, INDEX, type(exc).__name__, str(exc).splitlines()[0] if str(exc) else "")
+        rows = []
     not_converted = []
-    if len(index):
-        for row in index.to_dict(orient="records"):
-            if row.get("status") in ("failed", "skipped"):
-                not_converted.append({"run_id": row["run_id"], "status": row["status"], "reason": row.get("error")})
+    for row in rows:
+        if row.get("status") in ("failed", "skipped"):
+            not_converted.append({"run_id": row["run_id"], "status": row["status"], "reason": row.get("error")})
+    listed = [str(row["run_id"]) for row in rows if row.get("status") == "complete"]
+    unreadable = [{"run_id": run_id, "reason": reason} for run_id, reason in broken_runs(store, listed).items()]
     return {
         "store": store.url,
         "recipe": attrs["recipe"].get("name"),
@@ -53,6 +66,7 @@ def summarize(store: Store) -> dict[str, Any]:
         "created": attrs["created"],
         "runs": runs,
         "not_converted": not_converted,
+        "unreadable": unreadable,
     }
 
 

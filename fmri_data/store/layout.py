@@ -12,6 +12,9 @@ Layout (``schemas/store.schema.json`` and ``schemas/run.schema.json`` are the co
         flat_mask             (H, W) bool, pixels covered by cortex
         roi/<atlas>           (T, R) float32, chunks (L, R), shards (k*L, R); ``<atlas>`` = roi_key()
         confounds             (T_source, C) float32; attrs columns, tr_s
+        time, time_source,    xarray coordinates written at commit (fmri_data/store/export.py):
+        x, y, z, confound,    frame times (s), source frame times (s), voxel world coordinates
+        roi/time, roi/parcel  (mm), confound columns, parcel labels; not in ``outputs``
         saliency/             group; attrs {"skipped": {scorer: reason}}
           <scorer>/           group; attrs scorer, source, window, stride, k, k_requested,
                               n_windows, n_frames, tr_s, description, params, created,
@@ -30,7 +33,10 @@ Layout (``schemas/store.schema.json`` and ``schemas/run.schema.json`` are the co
       _claims/<run_id>.json   which converter process is writing a run (host, pid, heartbeat)
 
 Which arrays a run has depends on the recipe (its ``outputs`` attribute lists them; ``T`` is
-the stored time axis, ``T_source`` the source's, ``L`` the recipe's ``chunk_frames``).
+the stored time axis, ``T_source`` the source's, ``L`` the recipe's ``chunk_frames``). Every
+array carries Zarr v3 ``dimension_names`` (time, x, y, z; time, row, col; time_source,
+confound; time, parcel; :func:`fmri_data.store.export.array_dimensions`), so
+``xarray.open_zarr(store, group="runs/<run_id>")`` opens a run with labelled coordinates.
 
 A run is written into ``_staging/<run_id>.<token>/`` and moved to ``runs/<run_id>/`` only
 once every array and its attributes are written (a directory rename on a local disk, so
@@ -61,6 +67,7 @@ from __future__ import annotations
 import datetime as _dt
 import hashlib
 import importlib.metadata
+import json
 import platform
 from typing import Any
 
@@ -135,6 +142,21 @@ def content_digest(blocks) -> str:
     for block in blocks:
         digest.update(np.ascontiguousarray(block).tobytes())
     return digest.hexdigest()
+
+
+#: Run attribute holding the SHA-256 of the run's other attributes (:func:`attrs_digest`).
+ATTRS_CHECKSUM = "attrs_sha256"
+
+
+def attrs_digest(attrs: dict[str, Any]) -> str:
+    """SHA-256 (hex) of a run's attributes in canonical form: every key except
+    :data:`ATTRS_CHECKSUM`, as ``json.dumps(..., sort_keys=True, separators=(",", ":"))``
+    (ASCII, JSON-ready values) encoded as UTF-8. Written at commit and by
+    ``Store.write_run_attrs``; ``fmri-data validate`` recomputes it to find attributes edited
+    by hand after the commit.
+    """
+    payload = {k: v for k, v in attrs.items() if k != ATTRS_CHECKSUM}
+    return hashlib.sha256(json.dumps(payload, sort_keys=True, separators=(",", ":")).encode("utf-8")).hexdigest()
 
 
 def roi_key(atlas_name: str) -> str:

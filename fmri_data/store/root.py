@@ -20,8 +20,12 @@ from ..errors import StoreError
 from ..config.schema import SCHEMA_VERSION, to_json, validate
 
 from . import replace
-from .layout import CLAIMS, INDEX, RUNS, STAGING, foreign_entries, is_local, now, software_versions
+from .layout import (
+    ATTRS_CHECKSUM, CLAIMS, INDEX, RUNS, STAGING, attrs_digest, foreign_entries, is_local, now, software_versions,
+)
 from .writer import RunWriter
+
+_GROUP_META = json.dumps({"zarr_format": 3, "node_type": "group", "attributes": {}}).encode()
 
 #: A claim not refreshed for this long is considered abandoned (seconds; $FMRI_DATA_CLAIM_TIMEOUT_S).
 CLAIM_TIMEOUT_S = float(os.environ.get("FMRI_DATA_CLAIM_TIMEOUT_S", 900))
@@ -73,7 +77,7 @@ class Store:
                 existing = None
         if existing is not None:
             return store._join(existing, recipe, recipe_hash)
-        if store.fs.exists(store.path) and store.fs.ls(store.path):
+        if not store._creatable():
             raise StoreError(f"{store.url}: exists and is not an fmri-data store; refusing to write into it")
         attrs = to_json(
             {
@@ -88,7 +92,9 @@ class Store:
         validate(attrs, "store", store.url)
         meta = json.dumps({"zarr_format": 3, "node_type": "group", "attributes": attrs}).encode()
         try:
-            store.fs.makedirs(store.path, exist_ok=True)
+            # runs/ first (atomic, the same bytes from every creator), so that a converter
+            # joining the moment the root appears finds the whole layout
+            replace.write_bytes(store, f"{RUNS}/zarr.json", _GROUP_META)
             # create-if-absent: of converters started together on a new path, one creates the
             # store and the others join it (an O_EXCL create locally, If-None-Match on S3)
             store.fs.pipe_file(f"{store.path}/zarr.json", meta, mode="create")
@@ -96,13 +102,23 @@ class Store:
             return store._join(store._wait_root_attrs(), recipe, recipe_hash)
         except OSError as exc:
             raise StoreError(f"{store.url}: cannot create store ({exc})") from exc
-        try:
-            root = zarr.open_group(store=store.zarr_store, mode="a")
-            root.require_group(RUNS)
-        except OSError as exc:
-            raise StoreError(f"{store.url}: cannot create store ({exc})") from exc
-        store._root = root
         return store
+
+    def _creatable(self) -> bool:
+        """Nothing is here, or only what a creator running at this moment has written so far
+        (``runs/zarr.json``, a root ``zarr.json`` being written or already ours)."""
+        try:
+            entries = {p.rstrip("/").rsplit("/", 1)[-1] for p in self.fs.ls(self.path, detail=False)}
+        except (FileNotFoundError, NotADirectoryError):  # nothing here (or a parent that is a file: creating says so)
+            return True
+        if not entries <= {RUNS, "zarr.json"}:
+            return False
+        if RUNS in entries:
+            inner = {p.rstrip("/").rsplit("/", 1)[-1] for p in self.fs.ls(f"{self.path}/{RUNS}", detail=False)}
+            if any(name != "zarr.json" and not name.endswith(".tmp") for name in inner):
+                return False
+        # a whole root zarr.json that is not an fmri-data one: someone else's folder
+        return "zarr.json" not in entries or self._root_json_pending() or self._read_root_attrs() is not None
 
     def _check_root_attrs(self, attrs: dict[str, Any]) -> None:
         try:
@@ -123,6 +139,16 @@ class Store:
                 "or choose another output"
             )
         return self
+
+    def _root_json_pending(self) -> bool:
+        """``zarr.json`` exists but is not yet whole JSON (its exclusive creator is writing it)."""
+        try:
+            json.loads(self.fs.cat_file(f"{self.path}/zarr.json"))
+        except (FileNotFoundError, OSError):
+            return False
+        except ValueError:
+            return True
+        return False
 
     def _wait_root_attrs(self, seconds: float = 10.0) -> dict[str, Any] | None:
         """The root attributes another creator is writing at this moment (None after ``seconds``)."""
@@ -156,9 +182,17 @@ class Store:
         store = cls(url, storage_options)
         attrs = store._read_root_attrs()
         if attrs is None:
+            if not store._exists():
+                raise StoreError(f"{store.url}: no such store (nothing at this path)")
             raise StoreError(f"{store.url}: not an fmri-data store (no root zarr.json with fmri-data attributes)")
         validate(attrs, "store", store.url)
         return store
+
+    def _exists(self) -> bool:
+        try:
+            return bool(self.fs.exists(self.path))
+        except Exception:  # an unreachable object store: say "not a store", as before
+            return True
 
     def _read_root_attrs(self) -> dict[str, Any] | None:
         try:
@@ -262,15 +296,22 @@ class Store:
         """Replace the attributes of the committed run ``run_id`` in one step: its ``zarr.json``
         is written to a temporary file renamed into place on a local disk, with one PUT on
         object storage (a reader sees the old or the new attributes, never a mix). Arrays are
-        not touched.
+        not touched. The attributes' SHA-256 (``attrs_sha256``, :func:`.layout.attrs_digest`)
+        is recomputed, after checking the stored one: attributes edited by hand after the
+        commit are never re-signed.
 
         Raises:
-            StoreError: no complete run ``run_id``, or ``attrs`` break run.schema.json
-                (nothing is written).
+            StoreError: no complete run ``run_id``, its stored attributes differ from their
+                checksum, or ``attrs`` break run.schema.json (nothing is written).
         """
         if not self.is_complete(run_id):
             raise StoreError(f"{self.url}: no complete run '{run_id}'")
-        attrs = to_json(attrs)
+        stored = self._run_attrs_raw(run_id) or {}
+        if ATTRS_CHECKSUM in stored and stored[ATTRS_CHECKSUM] != attrs_digest(stored):
+            raise StoreError(f"{self.url}/{RUNS}/{run_id}/zarr.json: attributes differ from the checksum recorded "
+                             "at commit (edited after the commit); not rewritten, reconvert the run")
+        attrs = to_json({k: v for k, v in attrs.items() if k != ATTRS_CHECKSUM})
+        attrs[ATTRS_CHECKSUM] = attrs_digest(attrs)
         validate(attrs, "run", f"{self.url}/{RUNS}/{run_id}")
         replace.write_group_attrs(self, f"{RUNS}/{run_id}", attrs)
 
@@ -331,6 +372,7 @@ class Store:
             try:
                 self.fs.makedirs(f"{self.path}/{CLAIMS}", exist_ok=True)
                 self.fs.pipe_file(path, _claim_payload(), mode="create")
+                _HELD_CLAIMS.add(path)
                 return True
             except FileExistsError:
                 pass
@@ -338,8 +380,8 @@ class Store:
                 if "Precondition" not in str(exc) and "412" not in str(exc):
                     raise StoreError(f"{self.url}: cannot claim run {run_id} ({exc})") from exc
             holder = self._read_claim(path)
-            if holder is not None and not _abandoned(holder):
-                return False
+            if holder is not None and not _abandoned(holder) and not (_is_this_process(holder) and path not in _HELD_CLAIMS):
+                return False  # a live converter holds it (a claim of ours left by a failed release is taken over)
             try:
                 self.fs.rm(path)
             except FileNotFoundError:
@@ -350,14 +392,15 @@ class Store:
         """Heartbeat: rewrite this process's claim with the current time."""
         path = self._claim_path(run_id)
         holder = self._read_claim(path)
-        if holder is not None and holder.get("pid") == os.getpid() and holder.get("host") == socket.gethostname():
+        if holder is not None and _is_this_process(holder):
             self.fs.pipe_file(path, _claim_payload())
 
     def release(self, run_id: str) -> None:
         """Remove this process's claim on a run (others' claims are left alone)."""
         path = self._claim_path(run_id)
+        _HELD_CLAIMS.discard(path)
         holder = self._read_claim(path)
-        if holder is not None and holder.get("pid") == os.getpid() and holder.get("host") == socket.gethostname():
+        if holder is not None and _is_this_process(holder):
             try:
                 self.fs.rm(path)
             except FileNotFoundError:
@@ -408,6 +451,14 @@ def _claim_payload() -> bytes:
     return json.dumps(
         {"host": socket.gethostname(), "pid": os.getpid(), "started": _process_start(), "heartbeat": time.time()}
     ).encode()
+
+
+#: claims this process holds now (claimed and not yet released), by claim file path
+_HELD_CLAIMS: set[str] = set()
+
+
+def _is_this_process(holder: dict[str, Any]) -> bool:
+    return holder.get("pid") == os.getpid() and holder.get("host") == socket.gethostname()
 
 
 def _abandoned(holder: dict[str, Any]) -> bool:

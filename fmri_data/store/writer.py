@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import secrets
 import time
@@ -15,7 +16,8 @@ import zarr
 from ..errors import StoreError
 from ..config.schema import to_json, validate
 
-from .layout import RUNS, STAGING, compressors, content_digest, is_local
+from .export import array_dimensions, run_coordinates
+from .layout import ATTRS_CHECKSUM, RUNS, STAGING, attrs_digest, compressors, content_digest, is_local
 
 if TYPE_CHECKING:  # pragma: no cover
     from .root import Store
@@ -103,8 +105,10 @@ class RunWriter:
         compression: dict[str, Any],
         attrs: dict[str, Any] | None = None,
         dimension_names: tuple[str, ...] | None = None,
+        listed: bool = True,
     ) -> zarr.Array:
-        """Write a small array whole, as one chunk (masks, normalization maps)."""
+        """Write a small array whole, as one chunk (masks, normalization maps); ``listed=False``:
+        not an output (coordinate arrays, derived from the attributes: no ``outputs`` entry or checksum)."""
         values = np.asarray(values)
         array = self.group.create_array(
             name,
@@ -118,24 +122,49 @@ class RunWriter:
             config={"write_empty_chunks": True},
         )
         array[...] = values
-        self._written(name, content_digest([values]))
+        if listed:
+            self._written(name, content_digest([values]))
         return array
 
     def commit(self, attrs: dict[str, Any]) -> None:
-        """Validate the run attributes, write them, and move the run into ``runs/``.
+        """Validate the run attributes, name the arrays' dimensions and add their xarray
+        coordinates (:meth:`_label`), write the attributes with their SHA-256 (``attrs_sha256``,
+        :func:`~fmri_data.store.layout.attrs_digest`), and move the run into ``runs/``.
 
         Raises:
             StoreError: the attributes break run.schema.json (the staging group is removed).
         """
         attrs = to_json({**attrs, "status": "complete", "outputs": list(self.outputs), "checksums": dict(self.checksums)})
+        attrs[ATTRS_CHECKSUM] = attrs_digest(attrs)
         try:
             validate(attrs, "run", f"{self.store.url}/{RUNS}/{self.run_id}")
         except StoreError:
             self.abort()
             raise
+        self._label(attrs)
         self.group.attrs.put(attrs)
         self.store.remove_run(self.run_id)
         self._move_into_place()
+
+    def _label(self, attrs: dict[str, Any]) -> None:
+        """Name every array's dimensions the xarray way and add coordinate arrays of those
+        dimensions from the run attributes (:mod:`fmri_data.store.export`), so that
+        ``xarray.open_zarr(store, group="runs/<run_id>")`` gives labelled dimensions."""
+        arrays = {p: a for p, a in self.group.members(max_depth=None) if isinstance(a, zarr.Array)}
+        rois = [p[4:] for p in arrays if p.startswith("roi/")]
+        dims = {}
+        for path, array in arrays.items():
+            names = array_dimensions(path, array.ndim, rois) or tuple(array.metadata.dimension_names or ())
+            if names and names != tuple(array.metadata.dimension_names or ()):  # staging: not yet visible
+                key = f"{self.store.path}/{self.staging}/{path}/zarr.json"
+                meta = json.loads(self.store.fs.cat_file(key))
+                self.store.fs.pipe_file(key, json.dumps({**meta, "dimension_names": list(names)}, indent=2).encode())
+            dims[path] = names
+        compression = self.store.recipe["store"]["compression"]
+        coordinates = run_coordinates(attrs, dims, {p: dict(a.attrs) for p, a in arrays.items()})
+        for path, coord in coordinates.items():
+            if path not in arrays:
+                self.write_array(path, coord.values, compression, coord.attrs, coord.dims, listed=False)
 
     def _move_into_place(self) -> None:
         """Local disk: one directory rename (atomic). Object stores: copy every object, the

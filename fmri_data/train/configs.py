@@ -58,6 +58,7 @@ class NeuroStormConfig:
     temporal_mask_ratio: float = 0.25   # frames masked everywhere, in addition
     redundancy_dropout: float = 0.0     # visible tokens replaced by the mask token, not scored
     n_prompts: int = 0                  # learnable prompt tokens per block (prompt tuning)
+    scan: str = "auto"                  # selective scan: auto | chunked | sequential (fmri_data.train.ssm.scan)
 
 
 @dataclass

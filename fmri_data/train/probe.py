@@ -19,6 +19,8 @@ so the test runs are never seen by the classifier.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import dataclasses
 from dataclasses import dataclass
 from typing import Any
@@ -47,8 +49,13 @@ class ProbeResult:
                 f"({len(self.classes)} classes, chance {self.chance:.3f}; {self.n_train} training windows)")
 
 
+#: ``progress(done, total, what)``: called as a long probe advances (the CLI draws a bar)
+Progress = Callable[[int, int, str], None]
+
+
 @torch.no_grad()
-def features(model: nn.Module, cfg: Config, index, device: torch.device, batch_size: int = 8) -> torch.Tensor:
+def features(model: nn.Module, cfg: Config, index, device: torch.device, batch_size: int = 8,
+             progress: Progress | None = None) -> torch.Tensor:
     """Frozen tokens ``(N, T, C)`` float32 on CPU of every window of ``index`` (index order)."""
     model.eval()
     ds = eval_dataset(index, cfg)
@@ -56,6 +63,8 @@ def features(model: nn.Module, cfg: Config, index, device: torch.device, batch_s
     for lo in range(0, len(ds), batch_size):
         batch = collate_windows([ds[i] for i in range(lo, min(lo + batch_size, len(ds)))])
         feats.append(model.encode(prepare(batch, cfg, device, ds)).float().cpu())
+        if progress is not None:
+            progress(min(lo + batch_size, len(ds)), len(ds), "encoding windows")
     return torch.cat(feats)
 
 
@@ -126,7 +135,7 @@ def with_prompts(model: nn.Module, cfg: Config, n_prompts: int = 4) -> tuple[nn.
 
 def prompt_tune(model: nn.Module, cfg: Config, index, train: np.ndarray, train_y: np.ndarray, test: np.ndarray,
                 n_classes: int, device: torch.device, *, epochs: int = 10, lr: float = 1e-2, batch_size: int = 4,
-                seed: int = 0) -> np.ndarray:
+                seed: int = 0, progress: Progress | None = None) -> np.ndarray:
     """Predicted classes of windows ``test`` after prompt tuning on windows ``train`` (labels
     ``train_y``, class indices) of ``index`` (see the module doc; ``model`` from :func:`with_prompts`).
 
@@ -164,14 +173,17 @@ def prompt_tune(model: nn.Module, cfg: Config, index, train: np.ndarray, train_y
     opt = torch.optim.AdamW([*prompts, *head.parameters()], lr=lr, weight_decay=0.0)
     y = torch.as_tensor(train_y, device=device)
     order = torch.Generator().manual_seed(seed)
-    for _ in range(epochs):
+    steps_per_epoch = -(-len(train) // batch_size)
+    for epoch in range(epochs):
         perm = torch.randperm(len(train), generator=order).numpy()
-        for lo in range(0, len(train), batch_size):
+        for step, lo in enumerate(range(0, len(train), batch_size)):
             pick = perm[lo:lo + batch_size]
             loss = nn.functional.cross_entropy(head(tokens(train[pick])), y[pick])
             opt.zero_grad()
             loss.backward()
             opt.step()
+            if progress is not None:
+                progress(epoch * steps_per_epoch + step + 1, epochs * steps_per_epoch, "prompt tuning")
     with torch.no_grad():
         return torch.cat([head(tokens(test[lo:lo + batch_size])).argmax(-1).cpu()
                           for lo in range(0, len(test), batch_size)]).numpy()
@@ -179,7 +191,7 @@ def prompt_tune(model: nn.Module, cfg: Config, index, train: np.ndarray, train_y
 
 def run_probe(model: nn.Module, cfg: Config, url: str, *, label: str, test: dict[str, Any], kind: str = "linear",
               pool: str = "mean", source: str = "events", where: dict[str, Any] | None = None,
-              device: str | torch.device = "cpu", seed: int = 0) -> ProbeResult:
+              device: str | torch.device = "cpu", seed: int = 0, progress: Progress | None = None) -> ProbeResult:
     """Probe a frozen ``model`` on label ``label`` of a store's windows.
 
     Args:
@@ -191,6 +203,7 @@ def run_probe(model: nn.Module, cfg: Config, url: str, *, label: str, test: dict
         pool: linear probe features: ``mean`` over tokens (C,) or ``flatten`` (T * C,) —
             per-ROI tokens (fMRI-LM) keep their parcel identity only when flattened.
         where: restrict the index (``{"task": "objectviewing"}``).
+        progress: ``progress(done, total, what)`` as windows are encoded / prompt tuning steps.
 
     Raises:
         SettingError: no windows, an unknown ``kind``, prompt tuning of another family than
@@ -215,9 +228,10 @@ def run_probe(model: nn.Module, cfg: Config, url: str, *, label: str, test: dict
     te = te & np.array([v in code for v in y_all])
     y = np.array([code.get(v, -1) for v in y_all])
     if kind == "prompt":
-        pred = prompt_tune(model, cfg, index, np.flatnonzero(tr), y[tr], np.flatnonzero(te), len(classes), device, seed=seed)
+        pred = prompt_tune(model, cfg, index, np.flatnonzero(tr), y[tr], np.flatnonzero(te), len(classes), device,
+                           seed=seed, progress=progress)
     else:
-        tokens = features(model.to(device), cfg, index, device)
+        tokens = features(model.to(device), cfg, index, device, progress=progress)
         if kind == "linear":
             pooled = (tokens.mean(1) if pool == "mean" else tokens.flatten(1)).numpy()
             pred = linear_probe(pooled[tr], y[tr], pooled[te], seed)

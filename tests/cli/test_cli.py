@@ -35,6 +35,8 @@ def test_errors_are_one_line_and_exit_nonzero(tmp_path, atlas_dir):
     assert result.exit_code == 2 and "missing: BIDS root is not a directory" in result.output
     result = runner.invoke(app, ["validate", str(tmp_path)])
     assert result.exit_code == 1 and "not an fmri-data store" in result.output
+    result = runner.invoke(app, ["inspect", str(tmp_path / "nope.zarr")])
+    assert result.exit_code == 2 and result.output.strip() == f"error: {tmp_path / 'nope.zarr'}: no such store (nothing at this path)"
     result = runner.invoke(app, ["convert", str(DS_REAL), str(tmp_path / "o.zarr"), "--recipe", "nope"])
     assert result.exit_code == 2 and "unknown recipe 'nope'" in result.output
 

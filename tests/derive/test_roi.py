@@ -109,3 +109,52 @@ def test_atlas_by_path_uses_its_label_table(tmp_path):
     (tmp_path / "tpl-MNI152NLin6Asym_res-02_atlas-TianS3_dseg.tsv").write_bytes((ATLASES / "atlas-TianS3_dseg.tsv").read_bytes())
     atlas = load_atlas(str(copy))
     assert atlas.labels == load_atlas("tian_s3", ATLASES).labels and atlas.components[0].space == "MNI152NLin6Asym"
+
+
+@pytest.fixture
+def templateflow_home(tmp_path, monkeypatch):
+    """A TemplateFlow home laid out as TemplateFlow lays it out, holding the real Schaefer-400
+    7N image (a link to ../shared/data) and its label table in TemplateFlow's format
+    (index, name with the network prefix, color), written from Schaefer's labels.txt."""
+    folder = tmp_path / "templateflow" / "tpl-MNI152NLin6Asym"
+    folder.mkdir(parents=True)
+    image = "tpl-MNI152NLin6Asym_res-02_atlas-Schaefer2018_desc-400Parcels7Networks_dseg.nii.gz"
+    (folder / image).symlink_to(ATLASES / image)
+    names = (ATLASES / "atlas-Schaefer2018_desc-400Parcels7Networks_labels.txt").read_text().split()
+    rows = [f"{i}\t7Networks_{n}\t#000000" for i, n in enumerate(names, 1)]
+    (folder / "tpl-MNI152NLin6Asym_atlas-Schaefer2018_desc-400Parcels7Networks_dseg.tsv").write_text(
+        "index\tname\tcolor\n" + "\n".join(rows) + "\n")
+    # TemplateFlow's skeleton holds empty placeholders for files not yet downloaded
+    (folder / "tpl-MNI152NLin6Asym_res-02_atlas-Schaefer2018_desc-400Parcels17Networks_dseg.nii.gz").write_bytes(b"")
+    monkeypatch.setenv("TEMPLATEFLOW_HOME", str(tmp_path / "templateflow"))
+    monkeypatch.delenv("FMRI_DATA_ATLAS_DIR", raising=False)
+    return tmp_path / "templateflow"
+
+
+def test_atlas_from_templateflow_equals_the_atlas_folder(templateflow_home, tmp_path, atlas_dir):
+    empty = tmp_path / "no-atlases"
+    from_tf = load_atlas("schaefer400_7n", empty).components[0]
+    from_folder = load_atlas("schaefer400_7n", atlas_dir).components[0]
+    assert from_tf.labels == from_folder.labels and from_tf.labels[0] == "LH_Vis_1"
+    np.testing.assert_array_equal(from_tf.values, from_folder.values)
+    np.testing.assert_array_equal(from_tf.data, from_folder.data)
+    assert from_tf.files["volume"]["path"].startswith(str(templateflow_home))
+
+
+def test_atlas_found_nowhere_names_both_places(templateflow_home, tmp_path):
+    with pytest.raises(InputError) as caught:
+        load_atlas("schaefer400_17n", tmp_path / "no-atlases")  # only an empty placeholder in TemplateFlow
+    message = str(caught.value)
+    assert message.startswith(str(tmp_path / "no-atlases" / "tpl-MNI152NLin6Asym_res-02_atlas-Schaefer2018"))
+    assert f"in TemplateFlow ({templateflow_home / 'tpl-MNI152NLin6Asym'})" in message
+    assert "--atlas-dir" in message and "$TEMPLATEFLOW_HOME" in message
+
+
+def test_convert_without_atlas_dir_uses_templateflow(templateflow_home, tmp_path):
+    from typer.testing import CliRunner
+
+    from conftest import DS_REAL
+    from fmri_data.cli.main import app
+
+    result = CliRunner().invoke(app, ["convert", str(DS_REAL), str(tmp_path / "o.zarr"), "--participant-label", "me1"])
+    assert result.exit_code == 0 and "1 converted" in result.output, result.output

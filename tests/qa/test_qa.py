@@ -7,6 +7,7 @@ import io
 import json
 import math
 import os
+import re
 import shutil
 import tempfile
 from pathlib import Path
@@ -15,8 +16,8 @@ import nibabel as nib
 import numpy as np
 import pandas as pd
 import pytest
-
 from conftest import DS_REAL, HCP_PTSERIES, haxby_run, make_bids
+
 from fmri_data.derive import qa_metrics as iqm
 from fmri_data.qa.report import Thresholds, render_report, robust_z
 from fmri_data.qa.table import METRICS, read_qa_table
@@ -135,6 +136,30 @@ def test_frames_dropped_and_robust_z():
     np.testing.assert_allclose(robust_z(np.array([0, 0, 0, 1.0])), [0, 0, 0, 1 / (0.25 * 1.2533)], rtol=1e-6)
 
 
+def test_robust_z_degenerate_spread_gives_no_z():
+    """Synthetic values with known answers: a spread that is 0, below the metric's resolution
+    or below 1 % of the median gives no z (NaN) and a reason, never an exploding z."""
+    from fmri_data.qa.report import robust_scale
+
+    # FD > thr (frames): 11 runs with none, one run with one frame. MAD = 0; the mean absolute
+    # deviation 1/12 * 1.2533 = 0.104 (the old fallback gave z = +9.6) is below one frame.
+    one_frame = np.r_[np.zeros(11), 1.0]
+    assert np.isnan(robust_z(one_frame, resolution=1.0)).all()
+    scale, why = robust_scale(one_frame, resolution=1.0)
+    assert scale is None and "resolution" in why
+    # 30 frames over the threshold is a real deviation: scale 1.2533 * 30 / 12, z = 12 / 1.2533
+    thirty = np.r_[np.zeros(11), 30.0]
+    assert robust_scale(thirty, resolution=1.0) == (pytest.approx(1.2533 * 2.5), "1.2533 mean absolute deviation")
+    assert robust_z(thirty, resolution=1.0)[-1] == pytest.approx(12 / 1.2533)
+    # EFC-like: runs agreeing to 0.1 %: 1.4826 MAD = 0.00044 < 1 % of the median (0.0045) -> no z
+    efc = np.array([0.4500, 0.4503, 0.4497, 0.4501, 0.4499, 0.4480])
+    assert np.isnan(robust_z(efc)).all() and "1 %" in robust_scale(efc)[1]
+    # all equal: no z
+    assert robust_scale(np.full(5, 2.0)) == (None, "every run has the same value")
+    # a healthy spread is unchanged: median 10, MAD 1 -> 1.4826
+    assert robust_scale(np.array([8.0, 9, 10, 11, 12])) == (pytest.approx(1.4826), "1.4826 MAD")
+
+
 def test_qa_is_not_part_of_the_recipe_hash():
     from fmri_data.config.recipe import load_recipe, recipe_hash
 
@@ -248,10 +273,18 @@ def test_fd_matches_power_formula_on_real_haxby_confounds(real_store):
 # ----------------------------------------------------------------------------- figures and report
 
 
-def _png_size(encoded: str) -> tuple[int, int]:
-    import matplotlib.image
+def _image(uri: str):
+    """A figure's ``data:`` URI (WebP or PNG) as a PIL image."""
+    from PIL import Image
 
-    return matplotlib.image.imread(io.BytesIO(base64.b64decode(encoded)), format="png").shape[:2]
+    header, encoded = uri.split(",", 1)
+    assert header in ("data:image/webp;base64", "data:image/png;base64"), header
+    return Image.open(io.BytesIO(base64.b64decode(encoded)))
+
+
+def _png_size(uri: str) -> tuple[int, int]:
+    width, height = _image(uri).size
+    return height, width
 
 
 def test_flat_map_frame_figure_from_the_flat_contract(tmp_path):
@@ -270,7 +303,7 @@ def test_flat_map_frame_figure_from_the_flat_contract(tmp_path):
     group.create_array("flat_mask", data=mask)
     figs = run_figures(group, {"outputs": [], "tr_s": 2.0, "source_tr_s": 2.0})
     assert [f["title"] for f in figs] == ["Flat map, frame 3"]
-    assert min(_png_size(figs[0]["png"])) > 100
+    assert min(_png_size(figs[0]["src"])) > 100
 
 
 @pytest.fixture(scope="module")
@@ -287,7 +320,116 @@ def test_report_content(report_html, real_store):
     for key, label, _ in METRICS:
         assert f"<th data-type=\"num\">{label.replace('>', '&gt;')}</th>" in html
     assert "src=\"http" not in html and "<link rel=\"stylesheet\"" not in html  # self-contained
-    assert html.count("data:image/png;base64,") >= 15 * 2
+    assert html.count('src="data:image/') >= 15 * 2
+
+
+def test_report_has_no_degenerate_z_and_compares_runs_of_one_kind(real_store, tmp_path):
+    """ds-real: run-09 has one frame over the FD threshold (the other Haxby runs none) and
+    sub-me1 is demeaned percent signal change (AQI 0.97 and EFC 0.18 against ~0.002 and ~0.45
+    of raw Haxby intensities); neither is a robust-z outlier (the report used to say
+    +9.6, +3326.8 and -98.6)."""
+    result = render_report(real_store, tmp_path / "r.html", with_figures=False)
+    zs = [float(item.rsplit("z = ", 1)[1].rstrip(")")) for items in result.outliers.values() for item in items]
+    assert zs and all(abs(z) < 20 for z in zs), result.outliers
+    assert HAXBY_IDS[8] not in result.outliers and "sub-me1_task-visual" not in result.outliers
+    html = (tmp_path / "r.html").read_text()
+    section = html[html.index('id="run-sub-haxby1_task-objectviewing_run-09"'):]
+    assert "n/a <span class=\"meta\">(the runs&#39; spread is below the metric&#39;s resolution (1)" in section
+    section = html[html.index('id="run-sub-me1_task-visual"'):]
+    assert "robust z (vs volume, demeaned)" in section and "fewer than 3 runs of this kind" in section
+
+
+def test_report_figures_per_kind_outline_and_undefined_tsnr(report_html):
+    html = report_html.read_text()
+    # distributions: one figure per kind with enough runs, never pooled
+    assert 'alt="metric distributions: volume: 12 runs"' in html
+    assert html.count('alt="metric distributions: ') == 1
+    assert "cifti_parcels: 1 run(s), fewer than 3" in html and "gifti, demeaned: 1 run(s)" in html
+    # mosaics carry the template outline; demeaned me1 gets no tSNR map, and says why
+    haxby = html[html.index('id="run-sub-haxby1_task-objectviewing_run-01"'):html.index('id="run-sub-haxby1_task-objectviewing_run-02"')]
+    assert len(re.findall("<figcaption>[^<]*red: edge of the MNI152", haxby)) == 2 and "world-coordinates" in haxby
+    me1 = html[html.index('id="run-sub-me1_task-visual"'):]
+    assert 'alt="tSNR map' not in me1 and "No tSNR map: tSNR is undefined for this run" in me1
+    # carpets ordered by tissue class / network; me1's empty parcels explained in the caption
+    assert "brain voxels grouped by tissue class" in haxby and "400 parcels grouped by network" in haxby
+    assert "266 parcels grouped by network" in me1 and "58 parcels have no voxel in the field of view" in me1
+    assert "76 parcels have no signal" in me1
+
+
+def test_report_size_budget(report_html):
+    """The report of ds-real's 15 runs was 6.5 MB (base64 PNG at 90 dpi); compressed images
+    (WebP for pixels, palette PNG for line art) must keep it well under half of that."""
+    size = report_html.stat().st_size
+    print(f"QA report of 15 runs: {size / 1e6:.2f} MB")
+    assert size < 2_500_000
+    html = report_html.read_text()
+    assert html.count('src="data:image/webp;base64,') >= 14 * 2  # carpets
+
+
+def test_template_outline_and_tissue_classes_on_the_stored_grid():
+    """nilearn's bundled MNI152 brain mask and tissue maps on the default 96^3 2 mm grid:
+    a brain of ~1.9 L, and known anatomy (white matter of the centrum semiovale, precentral
+    grey matter, the lateral ventricle)."""
+    from fmri_data.qa.figures import (
+        OUTLINE_COLOUR,
+        mosaic,
+        template_outline,
+        tissue_classes,
+    )
+
+    affine = np.array([[2.0, 0, 0, -96], [0, 2, 0, -114], [0, 0, 2, -78], [0, 0, 0, 1]])
+    key = ((96, 96, 96), tuple(affine.ravel()))
+    outline, what = template_outline(*key)
+    assert "MNI152" in what and 1.5 < outline.sum() * 8e-6 < 2.2  # litres
+    tissue = tissue_classes(*key)
+    to_index = np.linalg.inv(affine)
+
+    def at(mm):
+        return tissue[tuple(np.round(to_index @ np.r_[mm, 1.0]).astype(int)[:3])]
+
+    assert at((-28, -20, 28)) == at((28, -20, 28)) == 1  # white matter
+    assert at((-40, -20, 50)) == 0  # precentral grey matter
+    assert at((-4, 4, 14)) == 2  # lateral ventricle
+    # the mosaic draws the outline in red: red pixels with it, none without
+    rng = np.random.default_rng(0)
+    volume = rng.normal(size=outline.shape)
+    assert OUTLINE_COLOUR == "#ff3b30"
+
+    def red_pixels(uri):  # clearly red: R exceeds G and B by 60 (the grey data has R = G = B; WebP blurs colour)
+        rgb = np.asarray(_image(uri).convert("RGB"), dtype=int)
+        return int((rgb[..., 0] - rgb[..., 1:].max(axis=-1) > 60).sum())
+
+    assert red_pixels(mosaic(volume, outline, "x", outline=outline)) > 500
+    assert red_pixels(mosaic(volume, outline, "x")) == 0
+
+
+def test_template_outline_prefers_a_local_templateflow_copy(tmp_path, monkeypatch):
+    """With ``TEMPLATEFLOW_HOME`` holding MNI152NLin6Asym's brain mask, the outline is that file
+    (here a box on the template's own 2 mm grid, so the answer is known exactly)."""
+    from fmri_data.qa.figures import template_outline
+    from fmri_data.reference.grids import template_grid
+
+    grid = template_grid("MNI152NLin6Asym", 2)
+    box = np.zeros(grid.shape, dtype=np.uint8)
+    box[20:60, 30:80, 25:65] = 1
+    folder = tmp_path / "tpl-MNI152NLin6Asym"
+    folder.mkdir()
+    nib.save(nib.Nifti1Image(box, grid.affine), folder / "tpl-MNI152NLin6Asym_res-02_desc-brain_mask.nii.gz")
+    monkeypatch.setenv("TEMPLATEFLOW_HOME", str(tmp_path))
+    template_outline.cache_clear()
+    try:
+        outline, what = template_outline(tuple(grid.shape), tuple(np.asarray(grid.affine).ravel()))
+    finally:
+        template_outline.cache_clear()
+    assert "TemplateFlow" in what and "MNI152NLin6Asym" in what
+    np.testing.assert_array_equal(outline, box.astype(bool))
+
+
+def test_parcel_groups_follow_schaefer_networks():
+    from fmri_data.qa.figures import parcel_groups
+
+    labels = ["LH_Vis_1", "7Networks_RH_SomMot_3", "17Networks_LH_DefaultA_PFCm_1", "HIP-rh", "CIFTI_STRUCTURE_THALAMUS_LEFT"]
+    assert parcel_groups(labels) == ["Vis", "SomMot", "DefaultA", "subcortex / other", "subcortex / other"]
 
 
 def test_report_thresholds_suggest_exclusions(real_store, tmp_path):
@@ -311,7 +453,7 @@ def test_cli_qa_writes_report_and_table(real_store, tmp_path):
     assert res.exit_code == 0, res.output
     assert "15 runs" in res.output and "exclude?" in res.output and out.is_file()
     res = CliRunner().invoke(app, ["qa", str(tmp_path / "missing.zarr"), "--report", str(out)])
-    assert res.exit_code == 2 and "not an fmri-data store" in res.output
+    assert res.exit_code == 2 and "missing.zarr: no such store (nothing at this path)" in res.output
 
 
 # ----------------------------------------------------------------------------- browser
@@ -359,7 +501,7 @@ def test_report_renders_in_headless_chromium(browser, report_html, tmp_path):
     rows = browser.execute_script("return document.querySelectorAll('#runs tbody tr').length")
     assert rows == 15
     # sorting: click the tSNR header twice -> ascending then descending numeric order (empty cells last)
-    column = [m[0] for m in METRICS].index("tsnr") + 4
+    column = [m[0] for m in METRICS].index("tsnr") + 5  # run, outliers, kind, TR, frames
     read = f"return Array.from(document.querySelectorAll('#runs tbody tr')).map(r => r.cells[{column}].getAttribute('data-sort'))"
     header = browser.find_elements("css selector", "#runs thead th")[column]
     header.click()
@@ -368,6 +510,14 @@ def test_report_renders_in_headless_chromium(browser, report_html, tmp_path):
     header.click()
     descending = [float(v) for v in browser.execute_script(read) if v]
     assert descending == sorted(descending, reverse=True)
+    # the runs table at 1300 px: run column sticky, every run's outliers listed in view
+    sticky = browser.execute_script("return getComputedStyle(document.querySelector('#runs tbody td')).position")
+    assert sticky == "sticky"
+    outliers = browser.execute_script(
+        "return Array.from(document.querySelectorAll('#runs td.outliers')).map(td => [td.textContent, "
+        "td.getBoundingClientRect().right <= window.innerWidth, td.parentElement.querySelectorAll('td.flag').length])")
+    assert all(in_view for _, in_view, _ in outliers)
+    assert [text.count("z = ") for text, _, _ in outliers] == [n for _, _, n in outliers] and any(n for *_, n in outliers)
     shot = Path(os.environ.get("FMRI_DATA_TEST_ARTIFACTS", tmp_path)) / "qa_report.png"  # CI may keep it
     shot.parent.mkdir(parents=True, exist_ok=True)
     assert browser.save_screenshot(str(shot)) and shot.stat().st_size > 10_000

@@ -230,7 +230,10 @@ def test_neurostorm_prompt_tuning_on_haxby_event_windows(real_store, tmp_path, c
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in same.items())
     before = {k: v.clone() for k, v in prompted.state_dict().items()}
     split = dict(label="trial_type", test={"run": ["10", "11", "12"]}, where={"task": "objectviewing"})
-    result = run_probe(prompted, prompted_cfg, real_store, kind="prompt", **split)
+    calls = []
+    result = run_probe(prompted, prompted_cfg, real_store, kind="prompt", progress=lambda *a: calls.append(a), **split)
+    assert calls[-1] == (10 * 18, 10 * 18, "prompt tuning")   # 10 epochs of 72 windows in batches of 4
+    assert [c[0] for c in calls] == list(range(1, 181))
     changed = {k for k, v in prompted.state_dict().items() if not torch.equal(v, before[k])}
     assert changed and all(k.endswith("prompts") for k in changed), changed
     assert result.n_train == 72 and result.n_test == 24 and len(result.classes) == 8

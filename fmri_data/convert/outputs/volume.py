@@ -100,7 +100,7 @@ def volume_outputs(run: RunInputs, inputs: Mapping[str, Any]) -> Produced:
     src = spec.volume
     vol = open_volume(src.path)
     tr_in, tr_warnings = resolve_tr(vol.path, spec.metadata, vol.header_tr_s, vol.header_time_unit)
-    run.warnings.extend(tr_warnings)
+    run.warnings.extend(vol.warnings + tr_warnings)
     run.add_source(src.path, "volume", src.space, src.derivative)
     tr_out = recipe["temporal"]["tr"] or tr_in
     t_out = n_output_frames(vol.n_frames, tr_in, tr_out, recipe["temporal"]["grid"])

@@ -45,11 +45,11 @@ def window_reverse(x: torch.Tensor, w: tuple[int, ...], shape: tuple[int, ...]) 
 
 class WindowMambaBlock(nn.Module):
     def __init__(self, dim: int, window: tuple[int, ...], shift: tuple[int, ...], d_state: int, mlp_ratio: float,
-                 n_prompts: int):
+                 n_prompts: int, scan: str = "auto"):
         super().__init__()
         self.window, self.shift = window, shift
         self.norm1, self.norm2 = nn.LayerNorm(dim), nn.LayerNorm(dim)
-        self.mixer = MambaMixer(dim, d_state=d_state)
+        self.mixer = MambaMixer(dim, d_state=d_state, scan=scan)
         self.mlp = Mlp(dim, mlp_ratio)
         self.prompts = nn.Parameter(torch.zeros(n_prompts, dim)) if n_prompts else None
 
@@ -119,7 +119,7 @@ class NeuroStorm(nn.Module):
             blocks = []
             for i in range(depth):
                 shift = tuple(w // 2 if (i % 2 and w < g) else 0 for w, g in zip(window, (*grid, cfg.frames)))
-                blocks.append(WindowMambaBlock(dim, window, shift, cfg.d_state, cfg.mlp_ratio, cfg.n_prompts))
+                blocks.append(WindowMambaBlock(dim, window, shift, cfg.d_state, cfg.mlp_ratio, cfg.n_prompts, cfg.scan))
             self.stages.append(nn.ModuleList(blocks))
             if s < len(cfg.depths) - 1:
                 self.merges.append(PatchMerging(dim))
