@@ -14,21 +14,25 @@ What it prints, each measured in this run:
    installed), next to the standard library's ``gzip`` (nibabel's default).
 2. **fmri-data conversion** (``fmri-data convert ... --scheduler synchronous``, in a child
    process: wall time, peak RSS) with a **phase breakdown**: the functions the converter calls
-   (``fmri_data.convert.outputs.volume``: source reads, finite check, spatial operator build
-   and application, ``resample_tr``, normalization, ROI operators, the scatter onto the
-   96^3 grid, Blosc encode, zarr/file writes) are wrapped with timers in that child; a call
-   made inside another timed call counts for the outer one (``resample_tr``'s operator is
-   temporal, not spatial), except the per-shard ``block`` callback of ``write_series``
-   ("scatter to grid"). "volume output (rest)" is the volume kind's own code between those
-   calls (chiefly the copy that reshapes each reoriented source block); "other" is outside
-   the output kinds (discovery, the source's SHA-256 for provenance, store set-up). The
+   (``fmri_data.convert.outputs.volume``: waiting for the next block of decoded source
+   frames (decoding runs in python-isal's background thread, overlapping the other phases;
+   "read+decode" is the time the converter waited for it), finite check, spatial operator
+   build and application, the working series' temporary file ("scratch file"),
+   ``resample_tr``, normalization, ROI operators, the scatter onto the 96^3 grid, Blosc
+   encode, zarr/file writes) are wrapped with timers in that child; a call made inside
+   another timed call counts for the outer one (``resample_tr``'s operator is temporal, not
+   spatial), except inside the containers ``write_series``' per-shard ``block`` callback
+   ("scatter to grid") and the output kinds. "volume output (rest)" is the volume kind's
+   own code between those calls; "other" is outside the output kinds (discovery, the
+   source's SHA-256 for provenance, store set-up). The
    Blosc encodes that zarr runs in its threads are printed as CPU seconds summed over those
    threads (they overlap "write", which waits for them). The ratio conversion time / decode
    floor is the target of issue 16 (<= 2x).
 3. **Codecs** on real chunks: the ``bold`` chunks (20 x 96^3 float16) of the real ds-real
    ``sub-me1`` run converted with the same recipe, and of the synthetic run: compress and
    decompress time (single-threaded Blosc, as the store's readers use it; best of 3) and ratio for
-   lz4hc 5 + shuffle (the default), lz4 5 (shuffle / noshuffle) and zstd 1 / 3 + shuffle.
+   lz4 9 + shuffle (the default), lz4 5 (shuffle / noshuffle), lz4hc 5 (the default before)
+   and 1 + shuffle, and zstd 1 / 3 + shuffle.
 4. **NeuroSTORM-style baseline** (written here, after CUHK-AIM-Group/NeuroSTORM
    ``datasets/preprocessing_volume.py``): load the whole run as float64, interpolate to TR
    0.8 s with scipy along time, crop/pad to 96^3, z-score over the non-zero voxels, write one
@@ -167,9 +171,26 @@ class Phases:
                 return fn(*args, **kwargs)
             if name == "write_series":  # its per-shard block callback: the scatter onto the grid
                 bound = inspect.signature(fn).bind(*args, **kwargs)
-                bound.arguments["block"] = functools.partial(phases.call, "scatter to grid", False, bound.arguments["block"])
+                bound.arguments["block"] = functools.partial(phases.call, "scatter to grid", True, bound.arguments["block"])
                 args, kwargs = bound.args, bound.kwargs
             return phases.call(text, container, fn, *args, clock=clock, **kwargs)
+
+        setattr(owner, name, timed)
+
+    def wrap_iter(self, owner, name: str, label: str) -> None:
+        """Replace the generator function ``owner.name`` by one whose every step is timed."""
+        fn = getattr(owner, name)
+        phases = self
+
+        @functools.wraps(fn)
+        def timed(*args, **kwargs):
+            items = fn(*args, **kwargs)
+            while True:
+                try:
+                    item = phases.call(label, False, next, items)
+                except StopIteration:
+                    return
+                yield item
 
         setattr(owner, name, timed)
 
@@ -177,7 +198,7 @@ class Phases:
 def instrument() -> Phases:
     import numcodecs.blosc
 
-    from fmri_data.convert import context
+    from fmri_data.convert import context, scratch
     from fmri_data.convert.outputs import OUTPUT_KINDS
     from fmri_data.convert.outputs import volume as vol_out
     from fmri_data.read import nifti
@@ -189,6 +210,7 @@ def instrument() -> Phases:
         run = kind.run
         object.__setattr__(kind, "run", functools.partial(phases.call, f"{kind.name} output (rest)", True, run))
     phases.wrap(nifti.VolumeSeries, "read", "read+decode")
+    phases.wrap_iter(nifti.VolumeSeries, "iter_frame_rows", "read+decode")
     phases.wrap(vol_out, "open_volume", "read+decode")
     phases.wrap(vol_out, "read_image_3d", "read+decode")
     phases.wrap(vol_out, "check_finite", "finite check")
@@ -212,12 +234,15 @@ def instrument() -> Phases:
 
     operator.PreparedOperator.__init__ = tagged_init
     phases.wrap(operator.PreparedOperator, "__init__", "kernel setup (CUDA probe)")
-    phases.wrap(operator.PreparedOperator, "__call__",
-                lambda args: "ROI derivation" if getattr(args[0], "_bench_roi", False) else "spatial resample")
+    for name in ("__call__", "apply_rows"):
+        phases.wrap(operator.PreparedOperator, name,
+                    lambda args: "ROI derivation" if getattr(args[0], "_bench_roi", False) else "spatial resample")
     phases.wrap(vol_out, "resample_tr", "temporal resample")
     phases.wrap(vol_out, "write_roi", "ROI derivation")
-    for name in ("global_zscore_elements", "normalize", "zero_negatives", "background_value"):
-        phases.wrap(vol_out, name, "normalize")
+    for name in ("fit", "finish", "apply"):
+        phases.wrap(vol_out.VolumeNormalizer, name, "normalize")
+    for name in ("write", "write_columns", "_rows", "_columns"):
+        phases.wrap(scratch.Series, name, "scratch file")
     phases.wrap(context, "temporal_mean", "read+decode")
     for name in ("write_series", "write_array", "commit"):
         phases.wrap(writer.RunWriter, name, "write", container=True)
@@ -242,7 +267,9 @@ def phases_child(bids: str, out: str, result: str) -> None:
 # ---------------------------------------------------------------- codecs on real chunks
 
 CODECS = [
-    ("lz4hc 5 + shuffle (default)", "lz4hc", 5, "shuffle"),
+    ("lz4 9 + shuffle (default)", "lz4", 9, "shuffle"),
+    ("lz4hc 5 + shuffle (earlier default)", "lz4hc", 5, "shuffle"),
+    ("lz4hc 1 + shuffle", "lz4hc", 1, "shuffle"),
     ("lz4 5 + shuffle", "lz4", 5, "shuffle"),
     ("lz4 5, no shuffle", "lz4", 5, "noshuffle"),
     ("zstd 1 + shuffle", "zstd", 1, "shuffle"),
@@ -361,8 +388,8 @@ def run_child(cmd: list[str]) -> tuple[float, float]:
 
 
 ENCODE = "Blosc encode (CPU s, zarr's threads)"
-ORDER = ["read+decode", "finite check", "kernel setup (CUDA probe)", "spatial resample", "temporal resample", "normalize",
-         "ROI derivation", "scatter to grid", "write", "volume output (rest)"]
+ORDER = ["read+decode", "finite check", "kernel setup (CUDA probe)", "spatial resample", "scratch file",
+         "temporal resample", "normalize", "ROI derivation", "scatter to grid", "write", "volume output (rest)"]
 
 
 def main() -> None:
@@ -379,6 +406,8 @@ def main() -> None:
         return
     from fmri_data.read.common import gzip_decoder
 
+    if args.workdir:
+        Path(args.workdir).mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=args.workdir) as tmp:
         tmp = Path(tmp)
         start = time.perf_counter()
@@ -406,7 +435,11 @@ def main() -> None:
             if seconds.get(name, 0.0) >= 0.05:
                 print(f"    {name:28s} {seconds[name]:7.1f}  {100 * seconds[name] / wall:5.1f} %")
         print(f"    {'other (discovery, provenance checksum, store)':28s} {max(0.0, wall - sum(seconds.values())):7.1f}")
-        print(f"  within 'write': {encode:.1f} CPU s of Blosc encoding (lz4hc 5) summed over zarr's threads")
+        from fmri_data.config.recipe import load_recipe
+
+        codec = load_recipe("neurostorm")["store"]["compression"]
+        print(f"  within 'write': {encode:.1f} CPU s of Blosc encoding ({codec['cname']} {codec['clevel']},"
+              f" {codec['shuffle']}) summed over zarr's threads")
         if "read+decode" in seconds:
             print(f"  read+decode / decode floor: {seconds['read+decode'] / floor:.2f}x"
                   f" ({phases['calls'].get('read+decode', 0)} timed reads)")

@@ -135,6 +135,13 @@ def load_recipe(name_or_path: str | Path = "default", overrides: list[str] | Non
 EXECUTION_KEYS = ("description", "compute", "qa", "stats")  # settings that never change a stored array
 
 
+def with_compression(recipe: Recipe, compression: dict[str, Any]) -> Recipe:
+    """``recipe`` with ``store.compression`` replaced (a new dict; the codec is lossless, so
+    the arrays' values are those of ``recipe``): how a conversion resumes a store made with
+    another codec (an earlier default) and keeps that store's codec."""
+    return {**recipe, "store": {**recipe["store"], "compression": dict(compression)}}
+
+
 def recipe_hash(recipe: Recipe) -> str:
     """Stable 16-hex-digit fingerprint of what a recipe produces (ignores description, compute and qa)."""
     payload = {k: v for k, v in recipe.items() if k not in EXECUTION_KEYS}

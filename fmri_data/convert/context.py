@@ -29,10 +29,10 @@ def frames_per_block(n_frames: int, values_per_frame: int) -> int:
 def temporal_mean(vol) -> np.ndarray:
     """``(X, Y, Z)`` float64 mean over time of a :class:`~fmri_data.read.nifti.VolumeSeries`
     (NaN/inf counted as 0), streamed in blocks of :func:`frames_per_block` frames."""
-    total = np.zeros(vol.shape[:3], dtype=np.float64)
-    for _, _, block in vol.iter_frames(frames_per_block(vol.n_frames, np.prod(vol.shape[:3]))):
-        total += np.nan_to_num(block).sum(axis=3)
-    return total / vol.n_frames
+    total = np.zeros(int(np.prod(vol.shape[:3])), dtype=np.float64)
+    for _, _, rows in vol.iter_frame_rows(frames_per_block(vol.n_frames, np.prod(vol.shape[:3]))):
+        total += np.nan_to_num(rows).sum(axis=0, dtype=np.float64)
+    return vol.to_ras(total / vol.n_frames)
 
 
 class LRU:
@@ -124,9 +124,9 @@ def resample_device(recipe: Recipe) -> str:
 
 def check_finite(block: np.ndarray, path: str, start: int, policy: str) -> np.ndarray:
     """Apply the recipe's ``inputs.nan_policy`` to a block of frames starting at frame ``start``."""
-    finite = np.isfinite(block)
-    if finite.all():
+    if np.isfinite(block.min()) and np.isfinite(block.max()):  # NaN propagates through min: two fast reductions
         return block
+    finite = np.isfinite(block)
     if policy == "zero":
         return np.where(finite, block, 0.0).astype(np.float32)
     bad = int((~finite).sum())

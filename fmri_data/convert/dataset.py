@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -12,10 +13,12 @@ from ..discover import discover
 from ..errors import InputError, StoreError, one_line
 from ..store.layout import QA_TABLE, is_local
 from ..qa.table import write_qa_table
-from ..config.recipe import Recipe, load_recipe, recipe_hash
+from ..config.recipe import Recipe, load_recipe, recipe_hash, with_compression
 from ..store.root import Store
 from .context import cached_atlas
 from .run import RunResult, convert_run
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -102,6 +105,10 @@ def convert(
     for name in (resolved["roi"] or {}).get("atlases", []):
         cached_atlas(name, atlas_dir)  # a missing or off-grid atlas fails the whole conversion up front
     store = Store.create(output, resolved, digest, overwrite=overwrite, bids_root=str(bids_root), storage_options=storage_options)
+    existing = store.attrs
+    if existing["recipe_hash"] != digest:  # the same recipe but for an earlier default codec: keep the store's
+        resolved = with_compression(resolved, existing["recipe"]["store"]["compression"])
+        log.info("%s: keeps its codec %s", store.url, resolved["store"]["compression"])
     done = set(store.run_ids())
     results = [RunResult(r.run_id, "exists", entities=dict(r.entities)) for r in runs if r.run_id in done]
     todo = [r for r in runs if r.run_id not in done]

@@ -18,6 +18,7 @@ from __future__ import annotations
 from typing import Any
 
 import nibabel as nib
+import numba
 import numpy as np
 
 from ..errors import SettingError
@@ -69,6 +70,20 @@ def epi_mask(mean_image: np.ndarray, affine: np.ndarray) -> np.ndarray:
     return mask
 
 
+def _column_params(x: np.ndarray, kind: str) -> tuple[np.ndarray, np.ndarray]:
+    """Per-column ``(center, scale)`` float64 of ``x (T, N)`` for ``voxel_zscore``/``zscore``
+    (mean, population std) or ``robust`` (median, interquartile range); zero spread -> 1."""
+    if kind in ("voxel_zscore", "zscore"):
+        center = x.mean(axis=0, dtype=np.float64)
+        scale = x.std(axis=0, dtype=np.float64)
+    elif kind == "robust":
+        q25, center, q75 = np.percentile(x, [25, 50, 75], axis=0)
+        scale = q75 - q25
+    else:
+        raise SettingError(f"unknown normalization {kind!r}")
+    return center, np.where(scale > 0, scale, 1.0)
+
+
 def normalize(x: np.ndarray, kind: str) -> tuple[np.ndarray, dict[str, Any], dict[str, np.ndarray]]:
     """Normalize a brain series in place-safe fashion.
 
@@ -92,17 +107,182 @@ def normalize(x: np.ndarray, kind: str) -> tuple[np.ndarray, dict[str, Any], dic
         std = float(np.std(x, dtype=np.float64))
         std = std if std > 0 else 1.0
         return ((x - mean) / std).astype(np.float32), {"kind": kind, "mean": mean, "std": std}, {}
-    if kind in ("voxel_zscore", "zscore"):
-        center = x.mean(axis=0, dtype=np.float64)
-        scale = x.std(axis=0, dtype=np.float64)
-    elif kind == "robust":
-        q25, center, q75 = np.percentile(x, [25, 50, 75], axis=0)
-        scale = q75 - q25
-    else:
-        raise SettingError(f"unknown normalization {kind!r}")
-    scale = np.where(scale > 0, scale, 1.0)
+    center, scale = _column_params(x, kind)
     y = ((x - center) / scale).astype(np.float32)
     return y, {"kind": kind}, {"center": center.astype(np.float32), "scale": scale.astype(np.float32)}
+
+
+@numba.njit(cache=True, nogil=True)
+def _moments(values, elementwise, zero_negatives):  # pragma: no cover - compiled
+    """``(count, mean, m2, low)`` of the brain elements of ``values (T, n)`` float32 after
+    NeuroSTORM's background / negatives rules (see :class:`VolumeNormalizer`): count, float64
+    mean, sum of squared deviations from it (two passes) and the minimum; ``low`` is +inf
+    when there is no element."""
+    count, total, low = 0, 0.0, np.inf
+    for v in values.ravel():
+        if elementwise and v == 0:
+            continue
+        if zero_negatives and v < 0:
+            v = np.float32(0)
+        count += 1
+        total += v
+        low = min(low, v)
+    if count == 0:
+        return 0, 0.0, 0.0, np.inf
+    mean = total / count
+    m2 = 0.0
+    for v in values.ravel():
+        if elementwise and v == 0:
+            continue
+        if zero_negatives and v < 0:
+            v = np.float32(0)
+        m2 += (v - mean) * (v - mean)
+    return count, mean, m2, low
+
+
+@numba.njit(parallel=True, cache=True, nogil=True)
+def _normalize_into(rows, position, center, scale, elementwise, zero_negatives, background, out):  # pragma: no cover
+    """``out[t, position[n]] = float32((x - center) / scale)`` (float64 arithmetic) for
+    ``x = rows[t, n]`` after the negatives rule; element-wise background elements (``rows[t,
+    n] == 0``) get ``background``. ``center``/``scale`` hold one value (global) or one per
+    column; frames are split over threads."""
+    n_frames, n = rows.shape
+    per_column = center.size > 1
+    for t in numba.prange(n_frames):
+        for j in range(n):
+            v = rows[t, j]
+            if elementwise and v == 0:
+                out[t, position[j]] = background
+                continue
+            if zero_negatives and v < 0:
+                v = np.float32(0)
+            k = j if per_column else 0
+            out[t, position[j]] = (np.float64(v) - center[k]) / scale[k]
+
+
+class VolumeNormalizer:
+    """A volume series' normalization, fitted from column slabs and applied to frame blocks,
+    so that a run of any length is normalized holding one slab or block at a time.
+
+    Kinds (see the module): ``global_zscore`` in NeuroSTORM's order of operations
+    (CUHK-AIM-Group/NeuroSTORM @ a8dc38f6, ``datasets/preprocessing_volume.py``):
+
+    1. background: the voxels outside the 3D brain mask (not in the series at all) and,
+       with ``elementwise``, every element exactly 0 (a voxel can be background at some
+       frames only: the reference's ``data == 0`` in 4D when a dataset has no mask file);
+    2. with ``negatives="zero"`` negative values become 0 after the background is decided
+       (they stay brain and count as 0); this applies to every kind;
+    3. one ``mean`` and ``std`` (``ddof`` 0, or 1: torch's unbiased default) over every brain
+       element of the run, ``z = (x - mean) / std`` computed in float64, stored float32;
+    4. background elements get ``background``: ``"min"`` -> the minimum z of the brain
+       elements, ``"zero"`` -> 0.
+
+    ``voxel_zscore``/``zscore`` and ``robust`` use per-column centers and scales
+    (:func:`normalize`), ``none`` the values as they are; their background value follows
+    the same rule over the normalized values.
+
+    Statistics: per-slab count, mean and sum of squared deviations (float64) combined
+    exactly (Chan, Golub & LeVeque 1979), so the result does not depend on the slabbing
+    beyond float64 rounding.
+
+    Use: :meth:`fit` every column slab once (any order), then :meth:`finish`, then
+    :meth:`apply` frame blocks.
+
+    Raises:
+        SettingError: unknown ``kind``, ``negatives`` or ``background``, ``ddof`` not 0 or 1,
+            or ``elementwise`` with a kind other than ``global_zscore``.
+    """
+
+    KINDS = ("global_zscore", "voxel_zscore", "zscore", "robust", "none")
+
+    def __init__(self, kind: str, n_columns: int, *, elementwise: bool = False, negatives: str = "keep",
+                 ddof: int = 0, background: str = "min"):
+        if kind not in self.KINDS:
+            raise SettingError(f"unknown normalization {kind!r}")
+        if negatives not in ("keep", "zero"):
+            raise SettingError(f"unknown volume.negatives {negatives!r} (keep | zero)")
+        if background not in ("min", "zero"):
+            raise SettingError(f"unknown volume.background {background!r} (min | zero)")
+        if ddof not in (0, 1):
+            raise SettingError(f"volume.std_ddof must be 0 or 1, not {ddof!r}")
+        if elementwise and kind != "global_zscore":
+            raise SettingError(f"element-wise background needs normalization global_zscore, not {kind}")
+        self.kind, self.elementwise, self.negatives, self.ddof, self.rule = kind, elementwise, negatives, ddof, background
+        self.count, self.mean, self.m2 = 0, 0.0, 0.0
+        self.low = np.inf
+        self.center = np.zeros(n_columns) if kind in ("voxel_zscore", "zscore", "robust") else None
+        self.scale = np.ones(n_columns) if self.center is not None else None
+        self.std = 1.0
+        self.background = 0.0
+
+    def _prepared(self, values: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+        brain = values != 0 if self.elementwise else None
+        if self.negatives == "zero":
+            values = np.maximum(values, np.float32(0))
+        return np.asarray(values, dtype=np.float32), brain
+
+    def fit(self, start: int, slab: np.ndarray) -> None:
+        """Columns ``[start, start + slab.shape[1])`` of the whole run, ``slab (T, n)`` float32."""
+        if self.kind == "global_zscore":
+            values = np.ascontiguousarray(slab, dtype=np.float32)
+            n, mean, m2, low = _moments(values, self.elementwise, self.negatives == "zero")
+            if n:
+                total = self.count + n
+                delta = mean - self.mean
+                self.mean += delta * n / total
+                self.m2 += m2 + delta * delta * self.count * n / total
+                self.count = total
+                self.low = min(self.low, float(low))
+            return
+        values, _ = self._prepared(slab)
+        if self.center is not None:
+            center, scale = _column_params(values, self.kind)
+            self.center[start:start + values.shape[1]] = center
+            self.scale[start:start + values.shape[1]] = scale
+            if values.size:
+                self.low = min(self.low, float(((values - center) / scale).astype(np.float32).min()))
+        elif values.size:
+            self.low = min(self.low, float(values.min()))
+
+    def finish(self) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+        """``(params, arrays)`` for the run attributes: ``kind``, ``mean``/``std``/
+        ``n_brain_elements`` (global z-score), ``background``; per-column kinds also give
+        ``center``/``scale`` ``(N,)`` float32 arrays."""
+        params: dict[str, Any] = {"kind": self.kind}
+        arrays: dict[str, np.ndarray] = {}
+        if self.kind == "global_zscore":
+            denominator = self.count - self.ddof
+            std = float(np.sqrt(self.m2 / denominator)) if denominator > 0 and self.count else 0.0
+            self.std = std if std > 0 else 1.0
+            if not self.count:
+                self.mean = 0.0
+            low = float(np.float32((self.low - self.mean) / self.std)) if self.count else np.inf
+            params.update(mean=float(self.mean), std=self.std, n_brain_elements=int(self.count))
+        else:
+            low = self.low
+            if self.center is not None:
+                arrays = {"center": self.center.astype(np.float32), "scale": self.scale.astype(np.float32)}
+        self.background = float(low) if self.rule == "min" and np.isfinite(low) else 0.0
+        params["background"] = self.background
+        return params, arrays
+
+    def apply(self, rows: np.ndarray, position: np.ndarray | None = None, out: np.ndarray | None = None) -> np.ndarray:
+        """Frames ``rows (t, N)`` as resampled -> normalized float32, element-wise background
+        elements set to :attr:`background`: ``(t, N)``, or scattered into the columns
+        ``position (N,)`` of ``out (t, V)`` float32 (C-contiguous; other columns untouched)."""
+        rows = np.ascontiguousarray(rows, dtype=np.float32)
+        if position is None:
+            position = np.arange(rows.shape[1], dtype=np.int64)
+            out = np.empty(rows.shape, dtype=np.float32)
+        if self.kind == "global_zscore":
+            center, scale = np.array([self.mean]), np.array([self.std])
+        elif self.center is not None:
+            center, scale = self.center, self.scale
+        else:
+            center, scale = np.zeros(1), np.ones(1)
+        _normalize_into(rows, position, center, scale, self.elementwise, self.negatives == "zero",
+                        np.float32(self.background), out)
+        return out
 
 
 def background_value(normalized: np.ndarray, rule: str) -> float:
@@ -168,9 +348,8 @@ def global_zscore_elements(
        in the returned params; the caller writes the same value outside the 3D mask).
 
     Statistics are float64 (the reference runs on ``get_fdata()``'s float64); z is float32.
-
-    Sums are accumulated over blocks of ``block_frames`` frames (float64, two passes), so
-    no ``(T, N)`` temporary beyond the output is made.
+    This is :class:`VolumeNormalizer` fitted on the whole series and applied in blocks of
+    ``block_frames`` frames, so no ``(T, N)`` temporary beyond the output is made.
 
     Args:
         x: ``(T, N)`` float, brain voxels of the 3D mask in columns (values as resampled).
@@ -188,54 +367,12 @@ def global_zscore_elements(
     Raises:
         SettingError: unknown ``negatives`` or ``background``, or ``ddof`` not 0 or 1.
     """
-    if negatives not in ("keep", "zero"):
-        raise SettingError(f"unknown volume.negatives {negatives!r} (keep | zero)")
-    if background not in ("min", "zero"):
-        raise SettingError(f"unknown volume.background {background!r} (min | zero)")
-    if ddof not in (0, 1):
-        raise SettingError(f"volume.std_ddof must be 0 or 1, not {ddof!r}")
     x = np.asarray(x, dtype=np.float32)
-    n_frames = x.shape[0]
-    blocks = [(a, min(a + block_frames, n_frames)) for a in range(0, n_frames, max(1, block_frames))]
-
-    def prepared(a: int, b: int) -> tuple[np.ndarray, np.ndarray | None]:
-        values = x[a:b]
-        brain = values != 0 if elementwise else None
-        if negatives == "zero":
-            values = np.maximum(values, np.float32(0))
-        return values, brain
-
-    count, total = 0, 0.0
-    for a, b in blocks:
-        values, brain = prepared(a, b)
-        picked = values if brain is None else values[brain]
-        count += picked.size
-        total += float(picked.sum(dtype=np.float64))
-    if count == 0:
-        return np.zeros_like(x), {"kind": "global_zscore", "mean": 0.0, "std": 1.0, "background": 0.0,
-                                  "n_brain_elements": 0}
-    mean = total / count
-    squares = 0.0
-    for a, b in blocks:
-        values, brain = prepared(a, b)
-        picked = values if brain is None else values[brain]
-        squares += float(np.square(picked.astype(np.float64) - mean).sum())
-    denominator = count - ddof
-    std = float(np.sqrt(squares / denominator)) if denominator > 0 else 0.0
-    std = std if std > 0 else 1.0
+    norm = VolumeNormalizer("global_zscore", x.shape[1], elementwise=elementwise, negatives=negatives, ddof=ddof,
+                            background=background)
+    norm.fit(0, x)
+    params, _ = norm.finish()
     z = np.empty_like(x)
-    low = np.inf
-    for a, b in blocks:
-        values, brain = prepared(a, b)
-        z[a:b] = (values.astype(np.float64) - mean) / std
-        if brain is None:
-            low = min(low, float(z[a:b].min()) if z[a:b].size else np.inf)
-        elif brain.any():
-            low = min(low, float(z[a:b][brain].min()))
-    background = float(low) if background == "min" else 0.0
-    if elementwise:
-        for a, b in blocks:
-            z[a:b][x[a:b] == 0] = background
-    params = {"kind": "global_zscore", "mean": float(mean), "std": std, "background": background,
-              "n_brain_elements": int(count)}
+    for a in range(0, x.shape[0], max(1, block_frames)):
+        z[a:a + block_frames] = norm.apply(x[a:a + block_frames])
     return z, params

@@ -77,6 +77,34 @@ def open_gzip(path: str | Path) -> Any:
     return gzip.open(path, "rb")
 
 
+def open_frames(path: str | Path, offset: int) -> Any:
+    """A sequential binary read stream of an image file positioned at byte ``offset`` of its
+    (decoded) contents: ``.gz`` through python-isal's ``igzip_threaded`` (decoding in a
+    background thread that escapes the GIL; :func:`open_gzip` without python-isal), else
+    the plain file.
+
+    Raises:
+        OSError and the decoders' errors (:data:`READ_ERRORS`); the caller names the file.
+    """
+    if str(path).endswith(".gz"):
+        if _isal_igzip is not None:
+            from isal import igzip_threaded
+
+            stream = igzip_threaded.open(str(path), "rb", threads=1)
+        else:
+            stream = open_gzip(path)
+        remaining = int(offset)
+        while remaining:
+            skipped = len(stream.read(min(remaining, 1 << 20)))
+            if not skipped:
+                raise EOFError(f"ends before its data offset {offset}")
+            remaining -= skipped
+        return stream
+    stream = open(path, "rb")  # noqa: SIM115 - returned to the caller
+    stream.seek(int(offset))
+    return stream
+
+
 def load_image(path: str | Path) -> Any:
     """Open an image with nibabel without reading its data (``.nii`` memory-mapped).
 

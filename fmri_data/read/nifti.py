@@ -20,7 +20,7 @@ import numpy as np
 from nibabel import orientations
 
 from ..errors import InputError
-from .common import READ_ERRORS, TIME_UNITS, check_size, load_image
+from .common import READ_ERRORS, TIME_UNITS, check_size, load_image, open_frames
 
 
 def _ras_orientation(affine: np.ndarray) -> np.ndarray:
@@ -81,6 +81,80 @@ class VolumeSeries:
         for start in range(0, self.n_frames, frames_per_block):
             stop = min(start + frames_per_block, self.n_frames)
             yield start, stop, self.read(start, stop)
+
+    @property
+    def _raw(self) -> bool:
+        """Whether the voxels can be streamed from the file's bytes (a NIfTI data block)."""
+        proxy = self._img.dataobj
+        return getattr(proxy, "order", None) == "F" and isinstance(getattr(proxy, "offset", None), int) \
+            and tuple(getattr(proxy, "shape", ())) == tuple(self._img.shape)
+
+    def frame_order(self) -> np.ndarray:
+        """``(X*Y*Z,)`` int64: for each voxel in RAS+ C order (the order of
+        ``read(...).reshape(-1, t)`` and of operators built on :attr:`shape`/:attr:`affine`),
+        its column in the frame rows of :meth:`iter_frame_rows`."""
+        disk_shape = tuple(int(s) for s in self._img.shape[:3])
+        if not self._raw:
+            return np.arange(int(np.prod(self.shape[:3])), dtype=np.int64)
+        position = np.arange(int(np.prod(disk_shape)), dtype=np.int64).reshape(disk_shape, order="F")
+        return np.ascontiguousarray(orientations.apply_orientation(position, self._ornt)).reshape(-1)
+
+    def to_ras(self, values: np.ndarray) -> np.ndarray:
+        """A per-voxel vector in frame-row column order ``(X*Y*Z,)`` -> ``(X, Y, Z)`` in RAS+."""
+        return np.asarray(values)[self.frame_order()].reshape(self.shape[:3])
+
+    def ras_view(self, rows: np.ndarray) -> np.ndarray:
+        """Frame rows ``(t, X*Y*Z)`` from :meth:`iter_frame_rows` as ``(X, Y, Z, t)`` RAS+
+        (a view: axes permuted and flipped, no copy, when the rows were streamed)."""
+        if not self._raw:
+            return rows.T.reshape(self.shape[:3] + (rows.shape[0],))
+        disk = rows.T.reshape(tuple(int(s) for s in self._img.shape[:3]) + (rows.shape[0],), order="F")
+        return orientations.apply_orientation(disk, self._ornt)
+
+    def iter_frame_rows(self, frames_per_block: int):
+        """Yield ``(start, stop, rows)`` over the whole run: ``rows (stop - start, X*Y*Z)``
+        float32, C-contiguous, one frame per row, voxels in the file's own order (columns
+        as :meth:`frame_order` maps them; :meth:`ras_view` gives the RAS+ block).
+
+        A NIfTI data block is streamed from its bytes in one sequential pass (``.nii.gz``
+        decoded by python-isal's ``igzip_threaded`` in a background thread, so decoding
+        overlaps the caller's work), scaled as nibabel scales (float64 ``x * slope + inter``
+        when the header sets them, then float32): the values equal ``read()``'s. Other
+        images go through :meth:`read`.
+
+        Raises:
+            InputError: truncated or corrupt data (names the file).
+        """
+        if not self._raw:
+            for start, stop, block in self.iter_frames(frames_per_block):
+                yield start, stop, np.ascontiguousarray(block.reshape(-1, stop - start).T)
+            return
+        proxy = self._img.dataobj
+        dtype = np.dtype(proxy.dtype)
+        n_voxels = int(np.prod(self._img.shape[:3]))
+        slope, inter = float(proxy.slope), float(proxy.inter)
+        scaled = not (slope == 1.0 and inter == 0.0)
+        try:
+            stream = open_frames(self.path, proxy.offset)
+            with stream:
+                for start in range(0, self.n_frames, frames_per_block):
+                    stop = min(start + frames_per_block, self.n_frames)
+                    raw = np.empty((stop - start, n_voxels), dtype=dtype)
+                    view, got = memoryview(raw).cast("B"), 0
+                    while got < view.nbytes:
+                        n = stream.readinto(view[got:])
+                        if not n:
+                            raise EOFError(f"data ends at frame {start + got // (n_voxels * dtype.itemsize)} of {self.n_frames}")
+                        got += n
+                    if scaled:
+                        rows = (raw.astype(np.float64) * slope + inter).astype(np.float32)
+                    elif dtype == np.float32 and dtype.isnative:
+                        rows = raw
+                    else:
+                        rows = raw.astype(np.float32)
+                    yield start, stop, rows
+        except READ_ERRORS as exc:
+            raise InputError(self.path, f"truncated or corrupt image data ({type(exc).__name__}: {exc})") from exc
 
 
 def _header_tr(header: Any) -> tuple[float | None, str]:

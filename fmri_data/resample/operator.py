@@ -26,6 +26,8 @@ from __future__ import annotations
 
 import functools
 import importlib.util
+import os
+import sys
 import threading
 import warnings
 from collections.abc import Callable
@@ -67,11 +69,30 @@ def _csr_times_dense(indptr, indices, data, x, out):  # pragma: no cover - compi
                 acc[c] += w * row[c]
 
 
+@numba.njit(parallel=True, cache=True, nogil=True)
+def _csr_times_rows(indptr, indices, data, x, out):  # pragma: no cover - compiled
+    """``out[t, r] = sum_k data[k] * x[t, indices[k]]`` over ``k in indptr[r]:indptr[r+1]``:
+    the operator applied to frame rows (``x (C, n_inputs)``, ``out (C, n_outputs)``).
+
+    Frames are split over threads; each output value is a gather of its row's inputs from
+    one frame (contiguous in ``x``), summed in float64 and stored in ``out``'s dtype.
+    """
+    n_frames, n_rows = out.shape
+    for t in numba.prange(n_frames):
+        frame = x[t]
+        target = out[t]
+        for r in range(n_rows):
+            acc = 0.0
+            for k in range(indptr[r], indptr[r + 1]):
+                acc += data[k] * frame[indices[k]]
+            target[r] = acc
+
+
 _LAYER_LOCK = threading.Lock()
 _LAYER = {"threadsafe": False}
 
 
-def _run_kernel(indptr, indices, data, x, out) -> None:
+def _run_kernel(indptr, indices, data, x, out, kernel=_csr_times_dense) -> None:
     """Run the numba kernel; serialized while the threading layer is not known to be thread-safe.
 
     Conversion runs several runs in threads. numba picks TBB, then OpenMP, then its own
@@ -80,17 +101,26 @@ def _run_kernel(indptr, indices, data, x, out) -> None:
     layer is in use, and keep holding it when that is ``workqueue``.
     """
     if _LAYER["threadsafe"]:
-        _csr_times_dense(indptr, indices, data, x, out)
+        kernel(indptr, indices, data, x, out)
         return
     with _LAYER_LOCK:
-        _csr_times_dense(indptr, indices, data, x, out)
+        kernel(indptr, indices, data, x, out)
         _LAYER["threadsafe"] = numba.threading_layer() != "workqueue"
 
 
 @functools.lru_cache(maxsize=1)
 def cuda_available() -> bool:
-    """True when torch is installed and sees a CUDA device (torch is imported only here)."""
+    """True when torch is installed and sees a CUDA device (torch is imported only here).
+
+    On Linux without a GPU driver's device files (``/dev/nvidiactl``, ``/dev/dxg`` of WSL,
+    ``/dev/kfd`` of ROCm) and torch not yet imported, False without importing torch (about
+    1.5 s of a conversion's start-up).
+    """
     if importlib.util.find_spec("torch") is None:
+        return False
+    if sys.platform == "linux" and "torch" not in sys.modules and not any(
+        os.path.exists(p) for p in ("/dev/nvidiactl", "/dev/dxg", "/dev/kfd")
+    ):
         return False
     import torch
 
@@ -260,12 +290,54 @@ class PreparedOperator:
                 target[...] = result
         return out
 
+    def apply_rows(self, x: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+        """Apply to frame rows: ``x (C, n_inputs)`` -> ``(C, n_outputs)`` float32 (into ``out``
+        if given, C-contiguous), i.e. ``(M @ x.T).T`` without transposing ``x``: the layout
+        in which a NIfTI block is decoded (:meth:`~fmri_data.read.nifti.VolumeSeries.iter_frame_rows`).
+
+        The numba kernel gathers each output value from one frame and sums in float64
+        (:func:`_csr_times_rows`); torch and scipy apply ``M`` to ``x.T``.
+
+        Raises:
+            SettingError: ``x`` or ``out`` has the wrong shape.
+        """
+        x = np.asarray(x)
+        if x.ndim != 2 or x.shape[1] != self.shape[1]:
+            raise SettingError(f"operator takes (C, {self.shape[1]}) frame rows, got {x.shape}")
+        if out is None:
+            out = np.empty((x.shape[0], self.shape[0]), dtype=np.float32)
+        elif out.shape != (x.shape[0], self.shape[0]):
+            raise SettingError(f"output must be {(x.shape[0], self.shape[0])}, got {out.shape}")
+        if self.backend != "numba":
+            self(x.T, out=out.T)
+            return out
+        x = np.ascontiguousarray(x, dtype=np.float32)
+        if out.flags.c_contiguous and out.dtype in (np.float32, np.float64):
+            _run_kernel(self._indptr, self._indices, self._data, x, out, _csr_times_rows)
+        else:
+            result = np.empty(out.shape, dtype=np.float32)
+            _run_kernel(self._indptr, self._indices, self._data, x, result, _csr_times_rows)
+            out[...] = result
+        return out
+
     def _torch_apply(self, x: np.ndarray) -> np.ndarray:
         torch = self._torch
         dense = torch.from_numpy(x).to(device=self.device, dtype=self._matrix.dtype)
         with torch.no_grad():
             result = torch.sparse.mm(self._matrix, dense)
         return result.to(dtype=torch.float32).cpu().numpy()
+
+
+def permute_columns(matrix: sp.spmatrix, position: np.ndarray) -> sp.csr_matrix:
+    """The operator with input ``c`` moved to input ``position[c]`` (``position`` a
+    permutation, ``(n_inputs,)`` int): ``permute_columns(M, p) @ y == M @ x`` when
+    ``y[p] == x``. Used to apply an operator built on RAS+ voxel order to frames in the
+    file's own voxel order (:meth:`~fmri_data.read.nifti.VolumeSeries.frame_order`)."""
+    csr = sp.csr_matrix(matrix, copy=True)
+    csr.indices = np.asarray(position, dtype=np.int64)[csr.indices].astype(csr.indices.dtype, copy=False)
+    csr.has_sorted_indices = False
+    csr.sort_indices()
+    return csr
 
 
 def apply_operator(matrix: sp.spmatrix, x: np.ndarray, method: str = "auto", device: str = "auto", dtype=np.float32) -> np.ndarray:

@@ -17,6 +17,7 @@ import fsspec
 import zarr
 
 from ..errors import StoreError
+from ..config import recipe as hashing
 from ..config.schema import SCHEMA_VERSION, to_json, validate
 
 from . import replace
@@ -132,13 +133,24 @@ class Store:
         if existing is None:
             raise StoreError(f"{self.url}: another process is creating a store here but its zarr.json stays unreadable")
         self._check_root_attrs(existing)
-        if existing["recipe_hash"] != recipe_hash:
+        if existing["recipe_hash"] != recipe_hash and not self._same_but_codec(existing, recipe):
             raise StoreError(
                 f"{self.url}: written with recipe '{existing['recipe'].get('name')}' ({existing['recipe_hash']}), "
                 f"not '{recipe.get('name')}' ({recipe_hash}); pass overwrite=True (--overwrite) to replace it "
                 "or choose another output"
             )
         return self
+
+    @staticmethod
+    def _same_but_codec(existing: dict[str, Any], recipe: dict[str, Any]) -> bool:
+        """The store was written with ``recipe`` except its lossless ``store.compression`` (an
+        earlier default codec): it may be resumed, keeping its own codec
+        (:func:`~fmri_data.config.recipe.with_compression`)."""
+        try:
+            codec = existing["recipe"]["store"]["compression"]
+            return hashing.recipe_hash(hashing.with_compression(recipe, codec)) == existing["recipe_hash"]
+        except (KeyError, TypeError):
+            return False
 
     def _root_json_pending(self) -> bool:
         """``zarr.json`` exists but is not yet whole JSON (its exclusive creator is writing it)."""

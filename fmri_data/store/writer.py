@@ -8,6 +8,7 @@ import os
 import secrets
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -60,7 +61,8 @@ class RunWriter:
             shard_chunks: chunks per shard.
             compression: the recipe's ``store.compression``.
             block: ``block(start, stop)`` returns frames ``[start, stop)`` with shape
-                ``(stop - start, *frame_shape)``; called once per shard, in order.
+                ``(stop - start, *frame_shape)``; called once per shard, in order; it may
+                reuse its buffer (a shard is written and hashed before the next call).
             attrs: array attributes.
             dimension_names: Zarr v3 dimension names.
         """
@@ -78,14 +80,16 @@ class RunWriter:
             config={"write_empty_chunks": True},  # every shard exists: a missing one is detectable
         )
         digest = hashlib.sha256()
-        for start in range(0, n_frames, shard_frames):
-            stop = min(start + shard_frames, n_frames)
-            values = np.asarray(block(start, stop), dtype=dtype)
-            if values.shape != (stop - start, *frame_shape):
-                raise ValueError(f"{name}: block [{start}, {stop}) has shape {values.shape}")
-            array[start:stop] = values
-            digest.update(np.ascontiguousarray(values).tobytes())
-            self._heartbeat()
+        with ThreadPoolExecutor(1) as hasher:  # hashlib releases the GIL: the checksum overlaps the encode
+            for start in range(0, n_frames, shard_frames):
+                stop = min(start + shard_frames, n_frames)
+                values = np.ascontiguousarray(np.asarray(block(start, stop), dtype=dtype))
+                if values.shape != (stop - start, *frame_shape):
+                    raise ValueError(f"{name}: block [{start}, {stop}) has shape {values.shape}")
+                hashed = hasher.submit(digest.update, memoryview(values.reshape(-1)).cast("B"))
+                array[start:stop] = values
+                hashed.result()  # before ``block`` may reuse its buffer
+                self._heartbeat()
         self._written(name, digest.hexdigest())
         return array
 

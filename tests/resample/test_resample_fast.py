@@ -240,20 +240,20 @@ def test_cuda_matches_numba(me1_frames):
 
 def test_conversion_uses_the_numba_kernel_by_default(tmp_path, atlas_dir, monkeypatch):
     monkeypatch.setattr(operator_module, "cuda_available", lambda: False)
-    calls = []
-    kernel = operator_module._csr_times_dense
+    calls, row_calls = [], []
+    run_kernel = operator_module._run_kernel
 
-    def spy(indptr, indices, data, x, out):
-        calls.append(out.shape)
-        return kernel(indptr, indices, data, x, out)
+    def spy(indptr, indices, data, x, out, kernel=operator_module._csr_times_dense):
+        (row_calls if kernel is operator_module._csr_times_rows else calls).append(out.shape)
+        return run_kernel(indptr, indices, data, x, out, kernel)
 
-    monkeypatch.setattr(operator_module, "_csr_times_dense", spy)
+    monkeypatch.setattr(operator_module, "_run_kernel", spy)
     out = str(tmp_path / "a.zarr")
     report = convert(DS_REAL, out, overrides=["temporal.tr=1.5"], participant_label=["me1"], atlas_dir=atlas_dir, progress=False)
     assert report.count("complete") == 1, [r.error for r in report.failed]
     attrs = Store.open(out).run_attrs(report.results[0].run_id)
     n_brain, n_source = attrs["volume"]["n_brain_voxels"], attrs["n_frames_source"]
-    assert (n_brain, n_source) in calls  # spatial: (brain voxels, frames), all frames in one block
+    assert (n_source, n_brain) in row_calls  # spatial, on frame rows: (frames, brain voxels), one block
     # TR 2.0 -> 1.5 s: (output frames, brain voxels in column chunks) and (output frames, parcels)
     assert sum(c for r, c in calls if r == attrs["n_frames"]) == n_brain + 400
     assert attrs["n_frames"] == 213

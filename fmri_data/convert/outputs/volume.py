@@ -7,13 +7,13 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from ...derive.volume import background_value, epi_mask, footprint_mask, global_zscore_elements, normalize, zero_negatives
+from ...derive.volume import VolumeNormalizer, epi_mask, footprint_mask
 from ...discover import NATIVE
 from ...errors import InputError, RecipeError
 from ...reference.grids import Grid, stored_affine, template_grid, to_orientation
 from ...read.nifti import VolumeSeries, open_volume, read_image_3d
 from ...read.common import resolve_tr
-from ...resample.operator import PreparedOperator
+from ...resample.operator import PreparedOperator, permute_columns
 from ...resample.spatial import grid_indices, inside_source, resample_mask, resampling_matrix, source_coordinates
 from ...resample.temporal import n_output_frames, resample_tr
 from ...store.layout import roi_key
@@ -21,6 +21,7 @@ from ..context import (
     RunInputs, cached_atlas, cached_parcel_operator, check_finite, frames_per_block, resample_device,
     temporal_mean, write_roi,
 )
+from ..scratch import Series, column_slabs
 from .base import OutputKind, Produced, Timing
 from .qa import SourceFrames, qa_settings, source_mask
 
@@ -36,10 +37,10 @@ def _target_grid(volume_cfg: dict[str, Any]) -> Grid:
 
 def _nonzero_any(vol: VolumeSeries) -> np.ndarray:
     """``(X, Y, Z)`` bool: source voxels non-zero in any frame (one streaming pass)."""
-    found = np.zeros(vol.shape[:3], dtype=bool)
-    for _, _, block in vol.iter_frames(frames_per_block(vol.n_frames, np.prod(vol.shape[:3]))):
-        found |= (np.nan_to_num(block) != 0).any(axis=-1)
-    return found
+    found = np.zeros(int(np.prod(vol.shape[:3])), dtype=bool)
+    for _, _, rows in vol.iter_frame_rows(frames_per_block(vol.n_frames, np.prod(vol.shape[:3]))):
+        found |= (np.nan_to_num(rows) != 0).any(axis=0)
+    return vol.to_ras(found)
 
 
 def _source_mask(run: RunInputs, vol: VolumeSeries, mode: str, grid: Grid) -> tuple[np.ndarray, str]:
@@ -133,36 +134,52 @@ def volume_outputs(run: RunInputs, inputs: Mapping[str, Any]) -> Produced:
     if src.space != NATIVE and atlases and any(c.space not in (None, src.space) for a in atlases for c in a.components):
         run.warnings.append(f"atlas space differs from the run's space {src.space}; parcels applied by world coordinates")
 
-    # One streaming pass: every block of source frames goes through every operator, each
-    # applied by the shared sparse kernel (numba on CPU, torch on CUDA; recipe compute.device).
+    # One streaming pass over the source: every block of frames, decoded in the file's own
+    # voxel order (frame rows; operators' columns permuted to it), goes through every spatial
+    # operator (numba on CPU, torch on CUDA; recipe compute.device). The brain series is kept
+    # (spilled to a temporary file when large: memory does not grow with the run) for the
+    # temporal step, done per column slab.
     device = resample_device(recipe)
-    brain = np.empty((vol.n_frames, op.shape[0]), dtype=np.float32) if op is not None else None
+    order_on_disk = vol.frame_order()
+    n_brain = op.shape[0] if op is not None else 0
+    brain = Series(vol.n_frames, n_brain) if op is not None else None
     parcels = [np.empty((vol.n_frames, p.matrix.shape[0]), dtype=np.float32) for p in parcel_ops]
-    apply_brain = PreparedOperator(op, device=device) if op is not None else None
-    apply_parcels = [PreparedOperator(p.matrix, device=device, dtype=np.float64) for p in parcel_ops]
+    apply_brain = PreparedOperator(permute_columns(op, order_on_disk), device=device) if op is not None else None
+    apply_parcels = [PreparedOperator(permute_columns(p.matrix, order_on_disk), device=device, dtype=np.float64)
+                     for p in parcel_ops]
     policy = recipe["inputs"]["nan_policy"]
     qa_frames = _qa_frames(run, vol, mask, grid)
-    for start, stop, block in vol.iter_frames(frames_per_block(vol.n_frames, np.prod(vol.shape[:3]))):
-        if qa_frames is not None:
-            qa_frames.add(start, stop, block)
-        flat = check_finite(block, vol.path, start, policy).reshape(-1, stop - start)
-        if apply_brain is not None:
-            apply_brain(flat, out=brain[start:stop].T)
-        for out, apply in zip(parcels, apply_parcels):
-            apply(flat, out=out[start:stop].T)
+    resampled = None
+    try:
+        for start, stop, rows in vol.iter_frame_rows(frames_per_block(vol.n_frames, np.prod(vol.shape[:3]))):
+            if qa_frames is not None:
+                qa_frames.add(start, stop, vol.ras_view(rows))
+            rows = check_finite(rows, vol.path, start, policy)
+            if apply_brain is not None:
+                brain.write(start, apply_brain.apply_rows(rows))
+            for out, apply in zip(parcels, apply_parcels):
+                apply.apply_rows(rows, out=out[start:stop])
 
-    signal = [x for x in ([brain] if brain is not None else []) + parcels if x.size]
-    if signal and not any(np.ptp(x, axis=0).max() > 0 for x in signal):
-        raise InputError(vol.path, "no BOLD signal: every voxel is constant over time")
-    temporal = recipe["temporal"]
-    if op is not None:
-        resampled = resample_tr(brain, tr_in, tr_out, temporal["interpolation"], temporal["antialias"], device=device,
-                                grid=temporal["grid"])
-        attrs["volume"] = _write_volume(run, resampled, mask, grid, mask_mode, src.space, volume_cfg)
+        temporal = recipe["temporal"]
+
+        def retimed(series: np.ndarray) -> np.ndarray:
+            return resample_tr(series, tr_in, tr_out, temporal["interpolation"], temporal["antialias"], device=device,
+                               grid=temporal["grid"])
+
+        signal = any(np.ptp(x, axis=0).max() > 0 for x in parcels if x.size)
+        if op is not None:
+            resampled, signal = _retime_brain(brain, t_out, retimed, volume_cfg, mask_mode, signal)
+        if not signal:
+            raise InputError(vol.path, "no BOLD signal: every voxel is constant over time")
+        if op is not None:
+            attrs["volume"] = _write_volume(run, resampled, mask, grid, mask_mode, src.space, volume_cfg)
+    finally:
+        for series in (brain, resampled[0] if resampled else None):
+            if series is not None:
+                series.close()
     roi_series: dict[str, np.ndarray] = {}
     for atlas, p, series in zip(atlases, parcel_ops, parcels):
-        series = resample_tr(series, tr_in, tr_out, temporal["interpolation"], temporal["antialias"], device=device,
-                             grid=temporal["grid"])
+        series = retimed(series)
         key = roi_key(atlas.name)
         roi_series[key] = write_roi(run, key, series, atlas.labels, atlas.provenance(), "volume", p.missing, p.n_voxels)
     timing = Timing(tr_s=tr_out, source_tr_s=tr_in, n_frames=t_out, n_frames_source=vol.n_frames)
@@ -174,57 +191,87 @@ def volume_outputs(run: RunInputs, inputs: Mapping[str, Any]) -> Produced:
     return Produced(attrs, values)
 
 
-def _write_volume(run: RunInputs, brain, mask, grid, mask_mode, source_space, cfg) -> dict[str, Any]:
-    """Normalize ``brain (T_out, N)`` and write ``bold`` ``(T, X, Y, Z)``, ``brain_mask`` and the
+def _normalizer(cfg: dict[str, Any], mask_mode: str, n_brain: int) -> VolumeNormalizer:
+    """The recipe's volume normalization (:class:`~fmri_data.derive.volume.VolumeNormalizer`).
+
+    Raises:
+        RecipeError: ``mask=file_or_nonzero`` fell back to element-wise non-zero with a
+            normalization other than ``global_zscore``.
+    """
+    elementwise = mask_mode == "nonzero_elementwise"
+    if elementwise and cfg["normalization"] != "global_zscore":
+        raise RecipeError(f"volume.mask=file_or_nonzero without a mask file needs normalization global_zscore, "
+                          f"not {cfg['normalization']}")
+    return VolumeNormalizer(cfg["normalization"], n_brain, elementwise=elementwise,
+                            negatives=cfg.get("negatives", "keep"), ddof=int(cfg.get("std_ddof", 0)),
+                            background=cfg["background"])
+
+
+def _retime_brain(brain: Series, t_out: int, retimed, cfg, mask_mode: str, signal: bool):
+    """Temporal resampling of the brain series ``(T_in, N)`` column slab by column slab into
+    a ``(T_out, N)`` :class:`~fmri_data.convert.scratch.Series` (``brain`` itself when the
+    lengths agree), fitting the normalization on the way; returns
+    ``(resampled, normalizer), signal`` (whether any voxel varies in time)."""
+    norm = _normalizer(cfg, mask_mode, brain.shape[1])
+    out = None
+    for a, b in column_slabs(brain.shape[0], brain.shape[1]):
+        slab = brain[:, a:b]
+        signal = signal or bool(np.any(slab.max(axis=0) > slab.min(axis=0)))
+        slab = retimed(slab)
+        if out is None:  # same length: in place (slabs are disjoint, each read before it is written)
+            out = brain if t_out == brain.shape[0] else Series(t_out, brain.shape[1], spill=brain.spilled)
+        norm.fit(a, slab)
+        out.write_columns(a, slab)
+    return (out, norm), signal
+
+
+def _write_volume(run: RunInputs, resampled, mask, grid, mask_mode, source_space, cfg) -> dict[str, Any]:
+    """Normalize the brain series and write ``bold`` ``(T, X, Y, Z)``, ``brain_mask`` and the
     ``norm_*`` maps; returns run attribute ``volume``.
 
+    ``resampled`` is ``(series (T_out, N), normalizer)`` from :func:`_retime_brain`.
     ``mask``/``grid`` are RAS+ (what later output kinds get); the stored arrays are in
     ``volume.orientation`` order (``LAS``: x reversed) and the stored affine maps stored
     indices to mm. With ``mask_mode="nonzero_elementwise"`` the stored ``brain_mask`` is the
     voxels whose trilinear footprint is non-zero in some source frame (a superset of those
     non-zero in any resampled frame); elements that are exactly 0 after resampling are
     background at that frame and hold ``normalization.background``.
-
-    Raises:
-        RecipeError: ``mask=file_or_nonzero`` fell back to element-wise non-zero with a
-            normalization other than ``global_zscore``.
     """
+    series, norm = resampled
     store_cfg, writer = run.recipe["store"], run.writer
-    negatives, ddof = cfg.get("negatives", "keep"), int(cfg.get("std_ddof", 0))
     orientation = cfg.get("orientation", "RAS")
-    elementwise = mask_mode == "nonzero_elementwise"
-    if cfg["normalization"] == "global_zscore" and (elementwise or negatives != "keep" or ddof):
-        # NeuroSTORM's order: background (incl. element-wise zeros) -> negatives -> z-score
-        z, params = global_zscore_elements(brain, elementwise=elementwise, negatives=negatives, ddof=ddof,
-                                           background=cfg["background"])
-        arrays: dict[str, np.ndarray] = {}
-        background = params["background"]
-    else:
-        if elementwise:
-            raise RecipeError(f"volume.mask=file_or_nonzero without a mask file needs normalization global_zscore, "
-                              f"not {cfg['normalization']}")
-        z, params, arrays = normalize(zero_negatives(brain) if negatives == "zero" else brain, cfg["normalization"])
-        background = background_value(z, cfg["background"])
-        params["background"] = background
-    flat_index = np.flatnonzero(mask.reshape(-1))
-    n_frames = z.shape[0]
+    params, arrays = norm.finish()
+    background = params["background"]
+    # stored position of each brain voxel (mask order = RAS C order), so frames are scattered
+    # straight into the stored orientation
+    stored_position = np.ascontiguousarray(to_orientation(np.arange(grid.n_voxels).reshape(grid.shape), orientation))
+    inverse = np.empty(grid.n_voxels, dtype=np.int64)
+    inverse[stored_position.reshape(-1)] = np.arange(grid.n_voxels)
+    position = inverse[np.flatnonzero(mask.reshape(-1))]
+    sub = max(1, int(store_cfg["chunk_frames"]))
+    # one float32 chunk and one shard in the stored dtype, filled with the background once:
+    # every block overwrites the brain positions only
+    frames32 = np.full((sub, grid.n_voxels), background, dtype=np.float32)
+    shard = np.full((sub * int(store_cfg["shard_chunks"]), grid.n_voxels), background, dtype=cfg["dtype"])
 
     def block(start: int, stop: int) -> np.ndarray:
-        dense = np.full((stop - start, grid.n_voxels), background, dtype=cfg["dtype"])
-        dense[:, flat_index] = z[start:stop]
-        return np.ascontiguousarray(to_orientation(dense.reshape((stop - start,) + grid.shape), orientation, 1))
+        for a in range(start, stop, sub):
+            b = min(a + sub, stop)
+            norm.apply(series[a:b], position, frames32[:b - a])
+            shard[a - start:b - start] = frames32[:b - a]
+        return shard[:stop - start].reshape((stop - start,) + grid.shape)
 
     writer.write_series(
-        "bold", n_frames, grid.shape, cfg["dtype"], store_cfg["chunk_frames"], store_cfg["shard_chunks"],
+        "bold", series.shape[0], grid.shape, cfg["dtype"], store_cfg["chunk_frames"], store_cfg["shard_chunks"],
         store_cfg["compression"], block, dimension_names=("time", "x", "y", "z"),
     )
     writer.write_array("brain_mask", np.ascontiguousarray(to_orientation(mask, orientation)), store_cfg["compression"],
                        dimension_names=("x", "y", "z"))
     for name, values in arrays.items():
         volume = np.zeros(grid.n_voxels, dtype=np.float32)
-        volume[flat_index] = values
-        writer.write_array(f"norm_{name}", np.ascontiguousarray(to_orientation(volume.reshape(grid.shape), orientation)),
-                           store_cfg["compression"], dimension_names=("x", "y", "z"))
+        volume[position] = values
+        writer.write_array(f"norm_{name}", volume.reshape(grid.shape), store_cfg["compression"],
+                           dimension_names=("x", "y", "z"))
     aligned = source_space == cfg["space"]
     if not aligned:
         run.warnings.append(
@@ -236,8 +283,8 @@ def _write_volume(run: RunInputs, brain, mask, grid, mask_mode, source_space, cf
         "shape": list(grid.shape),
         "affine": stored_affine(grid.affine, grid.shape, orientation).tolist(),
         "orientation": orientation,
-        "negatives": negatives,
-        "std_ddof": ddof,
+        "negatives": cfg.get("negatives", "keep"),
+        "std_ddof": int(cfg.get("std_ddof", 0)),
         "voxel_size_mm": list(grid.voxel_size),
         "source_space": source_space,
         "alignment": "template" if aligned else "world-coordinates",
