@@ -50,8 +50,8 @@ class Series:
 
     Indexing as numpy for what its readers use: ``s[a:b]`` -> frames ``(b - a, N)``;
     ``s[:, a:b]`` -> a column slab ``(T, b - a)``; ``s[t]`` / ``s[t, columns]`` -> a frame;
-    ``s[k:]`` -> the series from frame ``k`` (a view on the same data). :meth:`write` fills
-    frames, :meth:`write_columns` a column slab.
+    ``s[k:]`` -> the series from frame ``k`` (a view on the same data; :meth:`head` the first
+    frames). :meth:`write` fills frames, :meth:`write_columns` a column slab.
 
     Args:
         n_frames: T; n_columns: N.
@@ -121,7 +121,7 @@ class Series:
     def write_columns(self, a: int, values: np.ndarray) -> None:
         """Columns ``[a, a + values.shape[1])`` of every frame from ``values (T, b - a)``."""
         if self._array is not None:
-            self._array[self._first:, a:a + values.shape[1]] = values
+            self._array[self._first:self._first + self.shape[0], a:a + values.shape[1]] = values
             return
         values = np.ascontiguousarray(values, dtype=np.float32)
         for t in range(self.shape[0]):
@@ -136,11 +136,18 @@ class Series:
 
     def _columns(self, a: int, b: int) -> np.ndarray:
         if self._array is not None:
-            return self._array[self._first:, a:b]
+            return self._array[self._first:self._first + self.shape[0], a:b]
         out = np.empty((self.shape[0], b - a), dtype=np.float32)
         for t in range(self.shape[0]):
             self._pread(out[t], self._offset(t, a))
         return out
+
+    def head(self, n_frames: int) -> Series:
+        """The first ``n_frames`` frames as a series on the same data (``n_frames`` <= T): a
+        shorter result written over its input, column slab by column slab, reuses its pages."""
+        if not 0 < n_frames <= self.shape[0]:
+            raise ValueError(f"head of {n_frames} frames of a {self.shape[0]}-frame series")
+        return Series(self._first + n_frames, self.shape[1], _parent=self, _first=self._first)
 
     def __len__(self) -> int:
         return self.shape[0]

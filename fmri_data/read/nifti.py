@@ -120,7 +120,8 @@ class VolumeSeries:
         decoded by python-isal's ``igzip_threaded`` in a background thread, so decoding
         overlaps the caller's work), scaled as nibabel scales (float64 ``x * slope + inter``
         when the header sets them, then float32): the values equal ``read()``'s. Other
-        images go through :meth:`read`.
+        images go through :meth:`read`. The rows live in one buffer reused for every block:
+        valid until the next step of the iteration (copy what must outlive it).
 
         Raises:
             InputError: truncated or corrupt data (names the file).
@@ -134,24 +135,29 @@ class VolumeSeries:
         n_voxels = int(np.prod(self._img.shape[:3]))
         slope, inter = float(proxy.slope), float(proxy.inter)
         scaled = not (slope == 1.0 and inter == 0.0)
+        # one buffer for the whole pass (a fresh one per block costs the kernel its pages again)
+        raw_buffer = np.empty((min(frames_per_block, self.n_frames), n_voxels), dtype=dtype)
+        converted = None if dtype == np.float32 and dtype.isnative and not scaled else np.empty(raw_buffer.shape, np.float32)
         try:
             stream = open_frames(self.path, proxy.offset)
             with stream:
                 for start in range(0, self.n_frames, frames_per_block):
                     stop = min(start + frames_per_block, self.n_frames)
-                    raw = np.empty((stop - start, n_voxels), dtype=dtype)
+                    raw = raw_buffer[:stop - start]
                     view, got = memoryview(raw).cast("B"), 0
                     while got < view.nbytes:
                         n = stream.readinto(view[got:])
                         if not n:
                             raise EOFError(f"data ends at frame {start + got // (n_voxels * dtype.itemsize)} of {self.n_frames}")
                         got += n
+                    if converted is None:
+                        yield start, stop, raw
+                        continue
+                    rows = converted[:stop - start]
                     if scaled:
-                        rows = (raw.astype(np.float64) * slope + inter).astype(np.float32)
-                    elif dtype == np.float32 and dtype.isnative:
-                        rows = raw
+                        rows[...] = raw.astype(np.float64) * slope + inter
                     else:
-                        rows = raw.astype(np.float32)
+                        rows[...] = raw
                     yield start, stop, rows
         except READ_ERRORS as exc:
             raise InputError(self.path, f"truncated or corrupt image data ({type(exc).__name__}: {exc})") from exc

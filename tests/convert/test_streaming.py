@@ -118,6 +118,12 @@ def test_series_reads_back_what_was_written(spill):
     np.testing.assert_array_equal(series[3:][:, 0:5], values[3:, 0:5])
     series.write_columns(30, -values[:, 30:])
     np.testing.assert_array_equal(series[:, 28:37], np.concatenate([values[:, 28:30], -values[:, 30:]], axis=1))
+    head = series.head(4)  # a shorter result written over its input
+    assert head.shape == (4, 37)
+    head.write_columns(0, np.zeros((4, 2), dtype=np.float32))
+    np.testing.assert_array_equal(head[:, 0:3], np.concatenate([np.zeros((4, 2)), values[:4, 2:3]], axis=1))
+    past_head = np.concatenate([values[4:6, 25:30], -values[4:6, 30:35]], axis=1)
+    np.testing.assert_array_equal(series[4:6][:, 25:35], past_head)  # frames past the head untouched
     series.close()
     assert scratch.column_slabs(1000, 1000, slab_bytes=4 * 1000 * 300) == [(0, 300), (300, 600), (600, 900), (900, 1000)]
 

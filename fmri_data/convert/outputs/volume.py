@@ -150,15 +150,18 @@ def volume_outputs(run: RunInputs, inputs: Mapping[str, Any]) -> Produced:
     policy = recipe["inputs"]["nan_policy"]
     qa_frames = _qa_frames(run, vol, mask, grid)
     resampled = None
+    block_frames = frames_per_block(vol.n_frames, np.prod(vol.shape[:3]))
+    brain_rows = np.empty((block_frames, n_brain), dtype=np.float32)
     try:
-        for start, stop, rows in vol.iter_frame_rows(frames_per_block(vol.n_frames, np.prod(vol.shape[:3]))):
+        for start, stop, rows in vol.iter_frame_rows(block_frames):
             if qa_frames is not None:
                 qa_frames.add(start, stop, vol.ras_view(rows))
             rows = check_finite(rows, vol.path, start, policy)
             if apply_brain is not None:
-                brain.write(start, apply_brain.apply_rows(rows))
+                brain.write(start, apply_brain.apply_rows(rows, out=brain_rows[:stop - start]))
             for out, apply in zip(parcels, apply_parcels):
                 apply.apply_rows(rows, out=out[start:stop])
+        rows = None  # the reader's block buffer is not needed past this pass
 
         temporal = recipe["temporal"]
 
@@ -209,8 +212,8 @@ def _normalizer(cfg: dict[str, Any], mask_mode: str, n_brain: int) -> VolumeNorm
 
 def _retime_brain(brain: Series, t_out: int, retimed, cfg, mask_mode: str, signal: bool):
     """Temporal resampling of the brain series ``(T_in, N)`` column slab by column slab into
-    a ``(T_out, N)`` :class:`~fmri_data.convert.scratch.Series` (``brain`` itself when the
-    lengths agree), fitting the normalization on the way; returns
+    a ``(T_out, N)`` :class:`~fmri_data.convert.scratch.Series` (on ``brain``'s data when the
+    result is not longer: written over it), fitting the normalization on the way; returns
     ``(resampled, normalizer), signal`` (whether any voxel varies in time)."""
     norm = _normalizer(cfg, mask_mode, brain.shape[1])
     out = None
@@ -218,8 +221,8 @@ def _retime_brain(brain: Series, t_out: int, retimed, cfg, mask_mode: str, signa
         slab = brain[:, a:b]
         signal = signal or bool(np.any(slab.max(axis=0) > slab.min(axis=0)))
         slab = retimed(slab)
-        if out is None:  # same length: in place (slabs are disjoint, each read before it is written)
-            out = brain if t_out == brain.shape[0] else Series(t_out, brain.shape[1], spill=brain.spilled)
+        if out is None:  # not longer: in place (slabs are disjoint, each read before it is written)
+            out = brain.head(t_out) if t_out <= brain.shape[0] else Series(t_out, brain.shape[1], spill=brain.spilled)
         norm.fit(a, slab)
         out.write_columns(a, slab)
     return (out, norm), signal
