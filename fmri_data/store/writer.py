@@ -61,8 +61,10 @@ class RunWriter:
             shard_chunks: chunks per shard.
             compression: the recipe's ``store.compression``.
             block: ``block(start, stop)`` returns frames ``[start, stop)`` with shape
-                ``(stop - start, *frame_shape)``; called once per shard, in order; it may
-                reuse its buffer (a shard is written and hashed before the next call).
+                ``(stop - start, *frame_shape)``; called once per shard, in order. A shard is
+                encoded, written and hashed in background threads while the next one is
+                produced, so a block function that reuses buffers must alternate two (the
+                shard returned by one call is released when the call after next begins).
             attrs: array attributes.
             dimension_names: Zarr v3 dimension names.
         """
@@ -80,16 +82,26 @@ class RunWriter:
             config={"write_empty_chunks": True},  # every shard exists: a missing one is detectable
         )
         digest = hashlib.sha256()
-        with ThreadPoolExecutor(1) as hasher:  # hashlib releases the GIL: the checksum overlaps the encode
+
+        def store(start: int, stop: int, values: np.ndarray) -> None:
+            hashed = hasher.submit(digest.update, memoryview(values.reshape(-1)).cast("B"))  # releases the GIL
+            array[start:stop] = values
+            hashed.result()
+
+        with ThreadPoolExecutor(1) as hasher, ThreadPoolExecutor(1) as shards:
+            pending = None  # shards are stored in order, one at a time, behind the next block
             for start in range(0, n_frames, shard_frames):
                 stop = min(start + shard_frames, n_frames)
                 values = np.ascontiguousarray(np.asarray(block(start, stop), dtype=dtype))
                 if values.shape != (stop - start, *frame_shape):
                     raise ValueError(f"{name}: block [{start}, {stop}) has shape {values.shape}")
-                hashed = hasher.submit(digest.update, memoryview(values.reshape(-1)).cast("B"))
-                array[start:stop] = values
-                hashed.result()  # before ``block`` may reuse its buffer
+                job = shards.submit(store, start, stop, values)
+                if pending is not None:
+                    pending.result()
+                pending = job
                 self._heartbeat()
+            if pending is not None:
+                pending.result()
         self._written(name, digest.hexdigest())
         return array
 

@@ -252,12 +252,14 @@ def _write_volume(run: RunInputs, resampled, mask, grid, mask_mode, source_space
     inverse[stored_position.reshape(-1)] = np.arange(grid.n_voxels)
     position = inverse[np.flatnonzero(mask.reshape(-1))]
     sub = max(1, int(store_cfg["chunk_frames"]))
-    # one float32 chunk and one shard in the stored dtype, filled with the background once:
-    # every block overwrites the brain positions only
+    # one float32 chunk and two shards in the stored dtype (the writer stores one while the
+    # next is made), filled with the background once: every block overwrites brain positions only
     frames32 = np.full((sub, grid.n_voxels), background, dtype=np.float32)
-    shard = np.full((sub * int(store_cfg["shard_chunks"]), grid.n_voxels), background, dtype=cfg["dtype"])
+    shards = [np.full((sub * int(store_cfg["shard_chunks"]), grid.n_voxels), background, dtype=cfg["dtype"])
+              for _ in range(2)]
 
     def block(start: int, stop: int) -> np.ndarray:
+        shard = shards[(start // len(shards[0])) % 2]
         for a in range(start, stop, sub):
             b = min(a + sub, stop)
             norm.apply(series[a:b], position, frames32[:b - a])
