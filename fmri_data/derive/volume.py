@@ -141,23 +141,50 @@ def _moments(values, elementwise, zero_negatives):  # pragma: no cover - compile
 
 
 @numba.njit(parallel=True, cache=True, nogil=True)
-def _normalize_into(rows, position, center, scale, elementwise, zero_negatives, background, out):  # pragma: no cover
-    """``out[t, position[n]] = float32((x - center) / scale)`` (float64 arithmetic) for
-    ``x = rows[t, n]`` after the negatives rule; element-wise background elements (``rows[t,
-    n] == 0``) get ``background``. ``center``/``scale`` hold one value (global) or one per
-    column; frames are split over threads."""
+def _normalize_into(rows, center, scale, elementwise, zero_negatives, background, out):  # pragma: no cover
+    """``out[t, n] = float32((x - center) / scale)`` (float64 arithmetic) for ``x = rows[t, n]``
+    after the negatives rule; element-wise background elements (``rows[t, n] == 0``) get
+    ``background``. ``center``/``scale`` hold one value (global) or one per column; frames
+    are split over threads."""
     n_frames, n = rows.shape
     per_column = center.size > 1
     for t in numba.prange(n_frames):
         for j in range(n):
             v = rows[t, j]
             if elementwise and v == 0:
-                out[t, position[j]] = background
+                out[t, j] = background
                 continue
             if zero_negatives and v < 0:
                 v = np.float32(0)
             k = j if per_column else 0
-            out[t, position[j]] = (np.float64(v) - center[k]) / scale[k]
+            out[t, j] = (np.float64(v) - center[k]) / scale[k]
+
+
+@numba.njit(parallel=True, cache=True, nogil=True)
+def _scatter_rows(values, position, out):  # pragma: no cover - compiled
+    """``out[t, position[n]] = values[t, n]``; frames split over threads."""
+    for t in numba.prange(values.shape[0]):
+        target = out[t]
+        row = values[t]
+        for j in range(row.size):
+            target[position[j]] = row[j]
+
+
+def scatter_columns(values: np.ndarray, position: np.ndarray, out: np.ndarray) -> np.ndarray:
+    """Place brain columns into whole frames: ``out[:, position] = values`` (bit for bit).
+
+    Args:
+        values: ``(t, N)``, any 2-, 4- or 8-byte dtype (float16 stored BOLD included).
+        position: ``(N,)`` int, distinct columns of ``out``.
+        out: ``(t, V)`` of ``values``' dtype, C-contiguous; other columns are left as they are.
+
+    Returns:
+        ``out``.
+    """
+    values = np.ascontiguousarray(values, dtype=out.dtype)
+    bits = np.dtype(f"u{out.dtype.itemsize}")
+    _scatter_rows(values.view(bits), np.asarray(position, dtype=np.int64), out.view(bits))
+    return out
 
 
 class VolumeNormalizer:
@@ -266,22 +293,18 @@ class VolumeNormalizer:
         params["background"] = self.background
         return params, arrays
 
-    def apply(self, rows: np.ndarray, position: np.ndarray | None = None, out: np.ndarray | None = None) -> np.ndarray:
-        """Frames ``rows (t, N)`` as resampled -> normalized float32, element-wise background
-        elements set to :attr:`background`: ``(t, N)``, or scattered into the columns
-        ``position (N,)`` of ``out (t, V)`` float32 (C-contiguous; other columns untouched)."""
+    def apply(self, rows: np.ndarray) -> np.ndarray:
+        """Frames ``rows (t, N)`` as resampled -> normalized ``(t, N)`` float32, element-wise
+        background elements set to :attr:`background`."""
         rows = np.ascontiguousarray(rows, dtype=np.float32)
-        if position is None:
-            position = np.arange(rows.shape[1], dtype=np.int64)
-            out = np.empty(rows.shape, dtype=np.float32)
+        out = np.empty(rows.shape, dtype=np.float32)
         if self.kind == "global_zscore":
             center, scale = np.array([self.mean]), np.array([self.std])
         elif self.center is not None:
             center, scale = self.center, self.scale
         else:
             center, scale = np.zeros(1), np.ones(1)
-        _normalize_into(rows, position, center, scale, self.elementwise, self.negatives == "zero",
-                        np.float32(self.background), out)
+        _normalize_into(rows, center, scale, self.elementwise, self.negatives == "zero", np.float32(self.background), out)
         return out
 
 

@@ -7,7 +7,7 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from ...derive.volume import VolumeNormalizer, epi_mask, footprint_mask
+from ...derive.volume import VolumeNormalizer, epi_mask, footprint_mask, scatter_columns
 from ...discover import NATIVE
 from ...errors import InputError, RecipeError
 from ...reference.grids import Grid, stored_affine, template_grid, to_orientation
@@ -252,9 +252,8 @@ def _write_volume(run: RunInputs, resampled, mask, grid, mask_mode, source_space
     inverse[stored_position.reshape(-1)] = np.arange(grid.n_voxels)
     position = inverse[np.flatnonzero(mask.reshape(-1))]
     sub = max(1, int(store_cfg["chunk_frames"]))
-    # one float32 chunk and two shards in the stored dtype (the writer stores one while the
-    # next is made), filled with the background once: every block overwrites brain positions only
-    frames32 = np.full((sub, grid.n_voxels), background, dtype=np.float32)
+    # two shards in the stored dtype (the writer stores one while the next is made), filled
+    # with the background once: every block overwrites the brain positions only
     shards = [np.full((sub * int(store_cfg["shard_chunks"]), grid.n_voxels), background, dtype=cfg["dtype"])
               for _ in range(2)]
 
@@ -262,8 +261,7 @@ def _write_volume(run: RunInputs, resampled, mask, grid, mask_mode, source_space
         shard = shards[(start // len(shards[0])) % 2]
         for a in range(start, stop, sub):
             b = min(a + sub, stop)
-            norm.apply(series[a:b], position, frames32[:b - a])
-            shard[a - start:b - start] = frames32[:b - a]
+            scatter_columns(norm.apply(series[a:b]).astype(cfg["dtype"]), position, shard[a - start:b - start])
         return shard[:stop - start].reshape((stop - start,) + grid.shape)
 
     writer.write_series(
