@@ -17,8 +17,8 @@ from ..read.common import file_sha256
 from ..config.recipe import Recipe
 from ..store.writer import RunWriter
 
-#: Source frames read per block (bounded by bytes: ~256 MiB of float32 per block).
-BLOCK_BYTES = 256 * 2**20
+#: Source frames read per block (bounded by bytes: ~128 MiB of float32 per block).
+BLOCK_BYTES = 128 * 2**20
 
 
 def frames_per_block(n_frames: int, values_per_frame: int) -> int:

@@ -149,6 +149,11 @@ class Series:
             raise ValueError(f"head of {n_frames} frames of a {self.shape[0]}-frame series")
         return Series(self._first + n_frames, self.shape[1], _parent=self, _first=self._first)
 
+    def shares_data(self, other: Series) -> bool:
+        """Whether both are views of the same storage (:meth:`head`, ``s[k:]``)."""
+        return (self._array is not None and self._array is other._array) or (
+            self._file is not None and self._file is other._file)
+
     def __len__(self) -> int:
         return self.shape[0]
 

@@ -119,7 +119,8 @@ def test_series_reads_back_what_was_written(spill):
     series.write_columns(30, -values[:, 30:])
     np.testing.assert_array_equal(series[:, 28:37], np.concatenate([values[:, 28:30], -values[:, 30:]], axis=1))
     head = series.head(4)  # a shorter result written over its input
-    assert head.shape == (4, 37)
+    assert head.shape == (4, 37) and head.shares_data(series) and series[2:].shares_data(series)
+    assert not scratch.Series(11, 37, spill=spill).shares_data(series)
     head.write_columns(0, np.zeros((4, 2), dtype=np.float32))
     np.testing.assert_array_equal(head[:, 0:3], np.concatenate([np.zeros((4, 2)), values[:4, 2:3]], axis=1))
     past_head = np.concatenate([values[4:6, 25:30], -values[4:6, 30:35]], axis=1)

@@ -53,6 +53,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import nibabel as nib
+import numba
 import numpy as np
 from nibabel import orientations
 
@@ -143,43 +144,66 @@ def source_mask(mask_file: str | None, vol, grid_mask: np.ndarray | None, grid) 
     return None
 
 
-#: Brain series larger than this (bytes) are kept in a temporary file, not in memory.
-SPILL_BYTES = 256 * 2**20
+#: Memory (bytes) a gathered series may hold: a series up to this size stays in memory; a
+#: larger one keeps its first frames up to this size in memory and the rest in a temporary
+#: file (:class:`SpilledSeries`). At HCP size (1200 x 235,785 brain voxels, 1.05 GiB) about
+#: half stays in memory, which halves the file traffic (issue 15: QA may add 1 GiB of peak).
+SPILL_BYTES = 512 * 2**20
 
 
 class SpilledSeries:
-    """A ``(T, N)`` float32 series in an unnamed temporary file (deleted when closed or
+    """A ``(T, N)`` float32 series whose first frames are held in memory (up to
+    ``memory_bytes``) and the rest in an unnamed temporary file (deleted when closed or
     collected), written frame block by frame block and read back as column slabs or frames,
     so that the QA metrics (slab-wise, :func:`fmri_data.derive.qa_metrics.column_slabs`)
-    hold about one slab in memory instead of the whole run.
+    hold about one slab in memory besides the held frames instead of the whole run.
 
     Indexing as numpy for what the metrics use: ``s[:, a:b]`` -> ``(T, b - a)`` array,
     ``s[t]`` / ``s[t, columns]`` -> a frame, ``s[k:]`` -> the series from frame ``k`` (a view
-    on the same file). Rows are stored contiguously (row-major).
+    on the same storage); :meth:`rows` -> a block of frames (one read), :meth:`columns` ->
+    a column slab. Rows are stored contiguously (row-major).
 
     Args:
-        n_frames: T; n_columns: N; directory: where the file lives (default: ``tempfile``'s).
+        n_frames: T; n_columns: N; directory: where the file lives (default: ``tempfile``'s);
+        memory_bytes: bytes of leading frames held in memory.
     """
 
     dtype = np.dtype(np.float32)
 
-    def __init__(self, n_frames: int, n_columns: int, directory: str | None = None, *, _file=None, _first: int = 0):
-        self._file = _file if _file is not None else tempfile.TemporaryFile(dir=directory)  # noqa: SIM115 - lives with the series
-        if _file is None:
-            self._file.truncate(n_frames * n_columns * 4)
+    def __init__(self, n_frames: int, n_columns: int, directory: str | None = None, memory_bytes: int = 0, *,
+                 _store: tuple | None = None, _first: int = 0):
+        if _store is None:
+            held = int(min(n_frames, memory_bytes // max(1, 4 * n_columns)))
+            file = tempfile.TemporaryFile(dir=directory)  # noqa: SIM115 - lives with the series
+            file.truncate((n_frames - held) * n_columns * 4)
+            _store = (np.empty((held, n_columns), dtype=np.float32), file, n_frames)
+        self._store = _store
+        self._memory, self._file, total = _store
+        self._held = self._memory.shape[0]
         self._first = _first
-        self.shape = (n_frames - _first, n_columns)
+        self.shape = (total - _first, n_columns)
 
-    def _offset(self, row: int, column: int = 0) -> int:
-        return ((self._first + row) * self.shape[1] + column) * 4
+    def _offset(self, frame: int, column: int = 0) -> int:
+        """Byte offset in the file of absolute frame ``frame`` (>= the held frames)."""
+        return ((frame - self._held) * self.shape[1] + column) * 4
 
     def write(self, start: int, rows: np.ndarray) -> None:
         """Frames ``[start, start + len(rows))`` (``rows (k, N)``)."""
-        data = np.ascontiguousarray(rows, dtype=np.float32)
-        view, offset = memoryview(data).cast("B"), self._offset(start)
-        while view.nbytes:
-            written = os.pwrite(self._file.fileno(), view, offset)
-            view, offset = view[written:], offset + written
+        first = self._first + start
+        in_memory = max(0, min(len(rows), self._held - first))
+        if in_memory:
+            self._memory[first:first + in_memory] = rows[:in_memory]
+        if in_memory < len(rows):
+            data = np.ascontiguousarray(rows[in_memory:], dtype=np.float32)
+            view, offset = memoryview(data).cast("B"), self._offset(first + in_memory)
+            while view.nbytes:
+                written = os.pwrite(self._file.fileno(), view, offset)
+                view, offset = view[written:], offset + written
+
+    def held(self, a: int, b: int) -> np.ndarray | None:
+        """Frames ``[a, b)`` as a writable view of the memory when all of them are held, else None."""
+        a, b = self._first + a, self._first + b
+        return self._memory[a:b] if b <= self._held else None
 
     def _read(self, out: np.ndarray, offset: int) -> None:
         view = memoryview(out).cast("B")
@@ -189,26 +213,194 @@ class SpilledSeries:
                 raise OSError(f"QA temporary file ended early at byte {offset}")
             view, offset = view[got:], offset + got
 
+    def rows(self, a: int, b: int, out: np.ndarray | None = None) -> np.ndarray:
+        """Frames ``[a, b)`` as a ``(b - a, N)`` float32 array: a view when all are held in
+        memory, else read (into ``out``, a C-contiguous float32 array of that shape, when given)."""
+        a, b = self._first + a, self._first + max(a, b)
+        if b <= self._held:
+            return self._memory[a:b]
+        out = np.empty((b - a, self.shape[1]), dtype=np.float32) if out is None else out
+        split = min(max(a, self._held), b)
+        out[:split - a] = self._memory[a:split]
+        if b > split:
+            self._read(out[split - a:], self._offset(split))
+        return out
+
+    def column_parts(self, a: int, b: int, out: np.ndarray | None = None) -> list[tuple[int, np.ndarray]]:
+        """Columns ``[a, b)`` as ``[(first frame, (frames, b - a) array)]``: a view of the held
+        frames and the other frames read (into ``out``, C-contiguous ``(T, b - a)``, when given)."""
+        held = min(self.shape[0], max(0, self._held - self._first))
+        parts = [(0, self._memory[self._first:self._first + held, a:b])] if held else []
+        if held < self.shape[0]:
+            out = np.empty((self.shape[0], b - a), dtype=np.float32) if out is None else out
+            rest = out[:self.shape[0] - held]
+            for t in range(held, self.shape[0]):
+                self._read(rest[t - held], self._offset(self._first + t, a))
+            parts.append((held, rest))
+        return parts
+
+    def columns(self, a: int, b: int, out: np.ndarray | None = None) -> np.ndarray:
+        """Columns ``[a, b)`` of every frame as a ``(T, b - a)`` float32 array (a copy of the
+        held frames, one read per other frame; into ``out``, C-contiguous, when given): ``s[:, a:b]``."""
+        out = np.empty((self.shape[0], b - a), dtype=np.float32) if out is None else out
+        held = max(0, self._held - self._first)
+        out[:held] = self._memory[self._first:, a:b]
+        for t in range(held, self.shape[0]):
+            self._read(out[t], self._offset(self._first + t, a))
+        return out
+
     def __getitem__(self, key):
         rows, columns = key if isinstance(key, tuple) else (key, None)
         if isinstance(rows, (int, np.integer)):
-            frame = np.empty(self.shape[1], dtype=np.float32)
-            self._read(frame, self._offset(int(rows)))
+            frame = self.rows(int(rows), int(rows) + 1)[0]
             return frame if columns is None else frame[columns]
         if isinstance(rows, slice) and rows.step in (None, 1) and rows.stop is None:
             if columns is None:
-                return SpilledSeries(self._first + self.shape[0], self.shape[1], _file=self._file,
-                                     _first=self._first + (rows.start or 0))
+                return SpilledSeries(0, self.shape[1], _store=self._store, _first=self._first + (rows.start or 0))
             if rows.start in (None, 0) and isinstance(columns, slice) and columns.step in (None, 1):
                 a, b, _ = columns.indices(self.shape[1])
-                out = np.empty((self.shape[0], b - a), dtype=np.float32)
-                for t in range(self.shape[0]):
-                    self._read(out[t], self._offset(t, a))
-                return out
+                return self.columns(a, b)
         raise TypeError(f"SpilledSeries does not support the index {key!r}")
 
     def close(self) -> None:
         self._file.close()
+
+
+class JoinedColumns:
+    """Columns of several ``(T, *)`` float32 series (arrays or :class:`SpilledSeries`) side by
+    side: ``parts`` (what :func:`~fmri_data.derive.qa_metrics.quality_index` reads, part by
+    part), or ``rows(a, b)`` -> ``(b - a, M)``, ``s[t]`` -> a frame.
+
+    Args:
+        parts: ``[(series, columns)]``, ``columns`` int indices of each series.
+    """
+
+    dtype = np.dtype(np.float32)
+
+    def __init__(self, parts: list[tuple[Any, np.ndarray]]):
+        self.parts = parts
+        self.shape = (parts[0][0].shape[0], sum(len(columns) for _, columns in parts))
+
+    def rows(self, a: int, b: int, out: np.ndarray | None = None) -> np.ndarray:
+        blocks = [(x[a:b] if isinstance(x, np.ndarray) else x.rows(a, b))[:, columns] for x, columns in self.parts]
+        if out is None:
+            return np.hstack(blocks).astype(np.float32, copy=False)
+        np.concatenate(blocks, axis=1, out=out)
+        return out
+
+    def __getitem__(self, key):
+        if isinstance(key, (int, np.integer)):
+            return self.rows(int(key), int(key) + 1)[0]
+        raise TypeError(f"JoinedColumns does not support the index {key!r}")
+
+
+@numba.njit(cache=True, nogil=True, fastmath={"reassoc"})
+def _gather_frames(rows, bits, lo, hi, width, ras, brain_j, brain_k, total, abs_total, nonfinite,  # pragma: no cover - compiled
+                   frame_sums, brain, hist):
+    """One pass over the voxels ``[lo, hi)`` of frame rows ``rows (t, V)`` float32 (``bits``:
+    the same as uint32), non-finite values taken as 0: adds each voxel's sums of ``x`` and
+    ``|x|`` to ``total`` / ``abs_total`` and flags ``nonfinite`` at its flat RAS+ index
+    ``ras[j]``; adds each frame's sum to ``frame_sums (t,)``; copies the brain voxels
+    ``brain_j`` (ascending row positions) to ``brain[:, brain_k]`` and counts their value
+    keys' high 16 bits in ``hist`` (:func:`fmri_data.derive.qa_metrics.value_histogram`).
+
+    Voxels are taken in chunks of ``width`` whose float64 sums stay in cache while the
+    frames go by, summed without checks (vectorised; float64 sums of float32 values do not
+    overflow, so a sum is finite iff its values are): a voxel or a frame whose sum is not
+    finite is summed again with the non-finite values as 0.
+    """
+    n_t = rows.shape[0]
+    s = np.zeros(width)
+    a = np.zeros(width)
+    for c0 in range(lo, hi, width):
+        c1 = min(c0 + width, hi)
+        n = c1 - c0
+        q0 = np.searchsorted(brain_j, c0)
+        q1 = np.searchsorted(brain_j, c1)
+        for j in range(n):
+            s[j] = 0.0
+            a[j] = 0.0
+        for t in range(n_t):
+            row = rows[t, c0:c1]
+            acc = 0.0
+            for j in range(n):
+                v = np.float64(row[j])
+                s[j] += v
+                a[j] += abs(v)
+                acc += v
+            if not np.isfinite(acc):
+                acc = 0.0
+                for j in range(n):
+                    if np.isfinite(row[j]):
+                        acc += row[j]
+            frame_sums[t] += acc
+            full_row = rows[t]
+            row_bits = bits[t]
+            out = brain[t]
+            for q in range(q0, q1):
+                j = brain_j[q]
+                v = full_row[j]
+                key = np.int64(row_bits[j])
+                if not np.isfinite(v):
+                    v = np.float32(0.0)
+                    key = 0
+                out[brain_k[q]] = v
+                key = (0xFFFFFFFF - key) if key >= 0x80000000 else (key + 0x80000000)
+                hist[key >> 16] += 1
+        for j in range(n):
+            r = ras[c0 + j]
+            if not (np.isfinite(s[j]) and np.isfinite(a[j])):
+                nonfinite[r] = True
+                s[j] = 0.0
+                a[j] = 0.0
+                for t in range(n_t):
+                    v = np.float64(rows[t, c0 + j])
+                    if np.isfinite(v):
+                        s[j] += v
+                        a[j] += abs(v)
+            total[r] += s[j]
+            abs_total[r] += a[j]
+
+
+#: Voxels per chunk of :func:`_gather_frames` (their float64 sums stay in the core's cache).
+GATHER_WIDTH = 8192
+
+
+def _row_axes(block: np.ndarray) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """The spatial axes of ``block (X, Y, Z, t)`` to flip (negative strides) and their order
+    by decreasing stride: the voxel order of its memory."""
+    flips = tuple(axis for axis in range(3) if block.strides[axis] < 0)
+    order = tuple(sorted(range(3), key=lambda axis: -abs(block.strides[axis])))
+    return flips, order
+
+
+def frame_rows(block: np.ndarray, axes: tuple | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """A block ``(X, Y, Z, t)`` as frame rows ``(t, V)`` without a copy where its memory
+    allows (e.g. the RAS+ view of streamed frame rows: flipped and permuted axes), and the
+    flat RAS+ C-order index of each of the ``V`` columns.
+
+    Spatial axes with negative strides are flipped and ordered by decreasing stride
+    (:func:`_row_axes`, or ``axes``), so that the voxels of a row follow the memory; a
+    layout that no view can express is copied.
+    """
+    return _rows_view(block, axes), _ras_index(block.shape[:3], axes or _row_axes(block))
+
+
+def _rows_view(block: np.ndarray, axes: tuple | None = None) -> np.ndarray:
+    flips, order = axes or _row_axes(block)
+    b = np.flip(block, flips) if flips else block
+    moved = np.moveaxis(b.transpose(*order, 3), 3, 0)
+    try:
+        return moved.reshape(moved.shape[0], -1, copy=False)
+    except ValueError:
+        return np.ascontiguousarray(moved).reshape(moved.shape[0], -1)
+
+
+def _ras_index(shape: tuple[int, ...], axes: tuple) -> np.ndarray:
+    flips, order = axes
+    ras = np.arange(int(np.prod(shape)), dtype=np.int64).reshape(shape)
+    ras = np.flip(ras, flips) if flips else ras
+    return ras.transpose(order).reshape(-1)
 
 
 class SourceFrames:
@@ -216,9 +408,27 @@ class SourceFrames:
 
     Fed by the converter's single streaming pass (:mod:`.volume`) when the mask is known
     before it, else by a pass of QA's own. Holds the brain voxels ``brain (T, N_brain)``
-    float32 (non-finite values as 0; in a :class:`SpilledSeries` above :data:`SPILL_BYTES`), the voxelwise sums of ``x`` and ``|x|`` over time (the
-    latter for AFNI's automask), which voxels were ever non-finite and the global signal
-    (mean over all voxels per frame).
+    float32 (non-finite values as 0; partly in a temporary file above :data:`SPILL_BYTES`,
+    :class:`SpilledSeries`),
+    the voxelwise sums of ``x`` and ``|x|`` over time (the latter for AFNI's automask), which
+    voxels were ever non-finite, the global signal (mean over all voxels per frame) and the
+    histogram of the brain values' high key bits (the first pass of the exact global median,
+    :func:`fmri_data.derive.qa_metrics.value_histogram`). One numba pass per block
+    (:func:`_gather_frames`, voxels split over :data:`~fmri_data.derive.qa_metrics.QA_THREADS`
+    threads) does it all.
+
+    The brain columns are in the voxel order of the first block's memory (the source
+    file's order for streamed frames: contiguous copies); ``voxels`` gives the flat RAS+
+    C-order index of each column.
+
+    AQI (MRIQC: ``3dTqual -automask``) needs the voxels of AFNI's automask of the whole
+    run, which may reach outside the brain mask and is known only at the end. From the
+    first block (``start == 0``) on, the voxels outside the mask that the automask could
+    take are gathered as well (``extra (T, M)``, flat RAS+ indices ``extra_voxels``): the
+    hole-filled voxels whose mean ``|x|`` over that block is at least half its AFNI clip
+    level (:func:`~fmri_data.derive.qa_metrics.clip_level`), unless they outnumber the brain
+    voxels. Only when the final automask still has a voxel outside both does QA read the
+    source again.
 
     Args:
         shape: the source grid ``(X, Y, Z)``; n_frames: T; mask: ``(X, Y, Z)`` bool, not empty;
@@ -234,25 +444,122 @@ class SourceFrames:
         self.mask, self.mask_source, self.n_frames = mask, mask_source, n_frames
         n_brain = int(mask.sum())
         spill = n_frames * n_brain * 4 > SPILL_BYTES
-        self.brain = SpilledSeries(n_frames, n_brain) if spill else np.empty((n_frames, n_brain), dtype=np.float32)
+        self.brain = SpilledSeries(n_frames, n_brain, memory_bytes=SPILL_BYTES) if spill \
+            else np.empty((n_frames, n_brain), dtype=np.float32)
+        self.voxels = np.flatnonzero(mask)
         self.total = np.zeros(shape, dtype=np.float64)
         self.abs_total = np.zeros(shape, dtype=np.float64)
         self.nonfinite = np.zeros(shape, dtype=bool)
         self.global_signal = np.empty(n_frames, dtype=np.float64)
+        self.high = np.zeros(iqm.HISTOGRAM_BINS, dtype=np.int64)
+        self.extra_voxels = np.empty(0, dtype=np.int64)
+        self.extra: np.ndarray | SpilledSeries | None = None
+        self._layouts: dict = {}
+        self._extra_positions: dict = {}
+        self._ordered = False
+        self._buffer: np.ndarray | None = None
+
+    def _layout(self, block: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """Frame rows of ``block``, their RAS+ indices, the row positions of the brain voxels
+        (ascending) and their brain columns."""
+        axes = _row_axes(block)
+        rows = _rows_view(block, axes)
+        key = (block.shape[:3], axes)
+        if key not in self._layouts:
+            ras = _ras_index(block.shape[:3], axes)
+            brain_j = np.flatnonzero(self.mask.reshape(-1)[ras])
+            if not self._ordered:  # brain columns in this layout's voxel order
+                self.voxels = ras[brain_j]
+                self._ordered = True
+            position = np.full(self.mask.size, -1, dtype=np.int64)
+            position[self.voxels] = np.arange(self.voxels.size)
+            self._layouts[key] = (ras, brain_j, position[ras[brain_j]])
+        return (rows, *self._layouts[key])
+
+    def _plan_extra(self, aveabs: np.ndarray) -> None:
+        """Choose the voxels outside the mask to gather for the automask (see the class)."""
+        from scipy import ndimage
+
+        level = iqm.clip_level(aveabs)
+        near = ndimage.binary_fill_holes(aveabs >= 0.5 * level if level > 0 else aveabs > 0) & ~self.mask
+        if 0 < int(near.sum()) <= self.voxels.size:
+            self.extra_voxels = np.flatnonzero(near)
+            n = self.extra_voxels.size
+            spill = self.n_frames * n * 4 > SPILL_BYTES
+            self.extra = SpilledSeries(self.n_frames, n) if spill else np.empty((self.n_frames, n), dtype=np.float32)
+
+    def _gather_extra(self, start: int, rows: np.ndarray, ras: np.ndarray) -> None:
+        if id(ras) not in self._extra_positions:
+            inverse = np.empty(ras.size, dtype=np.int64)
+            inverse[ras] = np.arange(ras.size)
+            self._extra_positions[id(ras)] = inverse[self.extra_voxels]
+        values = rows[:, self._extra_positions[id(ras)]]
+        values = np.where(np.isfinite(values), values, np.float32(0.0))
+        if isinstance(self.extra, SpilledSeries):
+            self.extra.write(start, values)
+        else:
+            self.extra[start:start + values.shape[0]] = values
 
     def add(self, start: int, stop: int, block: np.ndarray) -> None:
         """Source frames ``[start, stop)`` as ``(X, Y, Z, stop - start)`` (not modified)."""
-        bad = ~np.isfinite(block)
-        if bad.any():
-            self.nonfinite |= bad.any(axis=3)
-            block = np.where(bad, 0.0, block).astype(np.float32)
-        self.total += block.sum(axis=3, dtype=np.float64)
-        self.abs_total += np.abs(block).sum(axis=3, dtype=np.float64)
-        self.global_signal[start:stop] = block.mean(axis=(0, 1, 2), dtype=np.float64)
-        if isinstance(self.brain, SpilledSeries):
-            self.brain.write(start, block[self.mask].T)
+        if block.dtype != np.float32:
+            block = block.astype(np.float32)
+        rows, ras, brain_j, brain_k = self._layout(block)
+        n_t, n_vox = rows.shape
+        held = self.brain.held(start, stop) if isinstance(self.brain, SpilledSeries) else None
+        spilled = isinstance(self.brain, SpilledSeries) and held is None
+        if held is not None:  # frames held in memory: written in place
+            brain = held
+        elif spilled:  # one buffer for every block (no fresh pages to fault in each time)
+            if self._buffer is None or self._buffer.shape[0] < n_t:
+                self._buffer = np.empty((n_t, self.voxels.size), dtype=np.float32)
+            brain = self._buffer[:n_t]
         else:
-            self.brain[start:stop] = block[self.mask].T
+            brain = self.brain[start:stop]
+        total, abs_total, nonfinite = (a.reshape(-1) for a in (self.total, self.abs_total, self.nonfinite))
+        parts = max(1, min(iqm.QA_THREADS, n_vox // 65536))
+        bounds = np.linspace(0, n_vox, parts + 1).astype(np.int64)
+        bits = rows.view(np.uint32)
+
+        def work(k: int) -> tuple[np.ndarray, np.ndarray]:
+            frame_sums, hist = np.zeros(n_t), np.zeros(iqm.HISTOGRAM_BINS, dtype=np.int64)
+            _gather_frames(rows, bits, int(bounds[k]), int(bounds[k + 1]), GATHER_WIDTH, ras, brain_j, brain_k, total, abs_total,
+                           nonfinite, frame_sums, brain, hist)
+            return frame_sums, hist
+
+        results = iqm.run_parallel(work, parts)
+        self.global_signal[start:stop] = np.sum([r[0] for r in results], axis=0) / n_vox
+        self.high += np.sum([r[1] for r in results], axis=0)
+        if spilled:
+            self.brain.write(start, brain)
+        if start == 0 and self.extra is None:
+            self._plan_extra(self.abs_total / n_t)
+        if self.extra is not None:
+            self._gather_extra(start, rows, ras)
+
+    def release(self) -> None:
+        """Free the block buffer of the streaming pass (kept between blocks)."""
+        self._buffer = None
+
+    def automask_series(self, auto: np.ndarray, skip: int = 0):
+        """The automask ``auto (X, Y, Z)``'s voxels from frame ``skip`` on, from what was
+        gathered: ``(JoinedColumns, brain columns, extra columns)``; None when a voxel of it
+        was not gathered."""
+        flat = auto.reshape(-1)
+        outside = flat & ~self.mask.reshape(-1)
+        gathered = np.zeros(flat.size, dtype=bool)
+        gathered[self.extra_voxels] = True
+        if (outside & ~gathered).any():
+            return None
+        brain_cols = np.flatnonzero(flat[self.voxels])
+        extra_cols = np.flatnonzero(flat[self.extra_voxels]) if self.extra is not None else np.empty(0, np.int64)
+        parts = [(self.brain[skip:], brain_cols)] + ([(self.extra[skip:], extra_cols)] if extra_cols.size else [])
+        return JoinedColumns(parts), brain_cols, extra_cols
+
+    def histogram(self, skip: int = 0) -> np.ndarray:
+        """:func:`~fmri_data.derive.qa_metrics.value_histogram` of ``brain[skip:]``."""
+        head = self.brain[:skip] if isinstance(self.brain, np.ndarray) else self.brain.rows(0, skip)
+        return self.high - iqm.value_histogram(head) if skip else self.high.copy()
 
     @classmethod
     def read(cls, q: QAInputs, vol) -> SourceFrames:
@@ -286,14 +593,17 @@ def _pad(values: np.ndarray, skipped: int) -> list[float | None]:
 
 
 def _series_metrics(x: np.ndarray, out: dict[str, Any], series: dict[str, Any], notes: list[str],
-                    skipped: int, aqi: tuple[np.ndarray, np.ndarray | None] | None = None) -> bool:
+                    skipped: int, aqi: tuple[Any, np.ndarray | None, np.ndarray | None] | None = None,
+                    statistics: iqm.SeriesStatistics | None = None) -> bool:
     """tSNR, DVARS, GCOR of ``x (T, N)`` (and for images AOR, and AQI on ``aqi = (series (T, M),
-    columns of it or None)`` when given).
+    columns of it or None, their temporal medians or None)`` when given), from one :func:`~fmri_data.derive.qa_metrics.series_statistics`
+    pass over ``x`` (``statistics``, when already gathered) and, for AQI, one over its frames.
 
     ``skipped`` leading source frames are not in ``x`` (dropped non-steady-state frames).
     Returns whether the series look demeaned.
     """
-    means, stds = iqm.temporal_moments(x)
+    stats = iqm.series_statistics(x) if statistics is None else statistics
+    means, stds = stats.mean, stats.std
     demeaned = bool(np.median(np.abs(means)) < 0.1 * np.median(stds))
     out["demeaned"] = demeaned  # the report compares demeaned runs only with each other
     if demeaned:
@@ -303,33 +613,33 @@ def _series_metrics(x: np.ndarray, out: dict[str, Any], series: dict[str, Any], 
     else:
         tsnr = np.divide(means, stds, out=np.zeros_like(means), where=stds > iqm.TSNR_STD_FLOOR)  # iqm.tsnr_map
         out["tsnr"] = _g(np.median(tsnr)) if tsnr.size else None
-    median = iqm.global_median(x)
+    median = stats.global_median
     intensity = iqm.DVARS_INTENSITY if not demeaned and median > 0 else None
     out["dvars_intensity_normalization"] = intensity
     if x.shape[0] >= 2:
-        d = iqm.dvars(x, intensity, median=median)
+        d = stats.dvars(x, intensity, median=median)
         for key in ("nstd", "std", "vstd"):
             out[f"dvars_{key}"] = _g(np.nanmean(d[key])) if np.isfinite(d[key]).any() else None
             series[f"dvars_{key}"] = _pad(d[key], skipped)
     else:
         notes.append("DVARS undefined: fewer than 2 frames")
-    out["gcor"] = _g(iqm.gcor(x))
+    out["gcor"] = _g(stats.gcor())
     if out["gcor"] is None:
         notes.append("GCOR undefined: no channel varies over time")
     if aqi is None:
         return demeaned
-    median = iqm.temporal_median(x)  # shared by AOR and (on the same voxels) AQI
+    median = stats.median  # shared by AOR and (on the same voxels) AQI
     if x.shape[0] < iqm.AOR_MIN_FRAMES:
         notes.append(f"AOR undefined: {x.shape[0]} frames, AFNI 3dToutcount refuses runs under {iqm.AOR_MIN_FRAMES}")
     else:
-        aor = iqm.outlier_fraction(x, median=median)
+        aor = stats.outlier_fraction()
         out["aor"], series["aor"] = _g(aor.mean()), _pad(aor, skipped)
-    values, columns = aqi
+    values, columns, reference = aqi
     if (values.shape[1] if columns is None else int(np.count_nonzero(columns))) < 2:
         notes.append("AQI undefined: its mask has fewer than 2 voxels")
     else:
-        same = values is x
-        reference = (median if columns is None else median[columns]) if same else None
+        if reference is None and values is x:
+            reference = median if columns is None else median[columns]
         quality = iqm.quality_index(values, median=reference, columns=columns)
         out["aqi"], series["aqi"] = _g(quality.mean()), _pad(quality, skipped)
     return demeaned
@@ -367,18 +677,10 @@ def _source_voxels(vol, start: int, voxels: np.ndarray) -> np.ndarray:
     return out
 
 
-def _constant_fraction(x) -> float:
-    """Fraction of the columns of ``x (T, N)`` (array or :class:`SpilledSeries`) constant over time."""
-    constant = 0
-    for a, b in iqm.column_slabs(x):
-        slab = x[:, a:b]
-        constant += int(np.count_nonzero(slab.max(axis=0) == slab.min(axis=0)))
-    return constant / x.shape[1]
-
-
 def _volume(q: QAInputs, cfg: Mapping[str, Any], out, series, notes) -> None:
     vol = open_volume(q.spec.volume.path)
     frames = q.source_frames if q.source_frames is not None else SourceFrames.read(q, vol)
+    frames.release()
     mask, global_signal = frames.mask, frames.global_signal
     dummy, skip = _dummy_frames(global_signal, cfg, notes)
     brain = frames.brain[skip:]
@@ -388,6 +690,7 @@ def _volume(q: QAInputs, cfg: Mapping[str, Any], out, series, notes) -> None:
         total = total - head.sum(axis=3, dtype=np.float64)
         abs_total = abs_total - np.abs(head).sum(axis=3, dtype=np.float64)
     n_used = frames.n_frames - skip
+    stats = iqm.series_statistics(brain, high=frames.histogram(skip))  # the one pass over the brain series
     # MRIQC's FunctionalQC: nan_to_num, negatives set to 0 before EFC, FBER and GSR
     mean_image = np.clip(total / n_used, 0.0, None)
     out.update(
@@ -396,7 +699,7 @@ def _volume(q: QAInputs, cfg: Mapping[str, Any], out, series, notes) -> None:
         mask=frames.mask_source,
         n_channels=int(mask.sum()),
         nan_fraction=_g(frames.nonfinite.mean()),
-        constant_fraction=_g(_constant_fraction(brain)),
+        constant_fraction=_g(stats.constant.mean()),
         dummy_trs=dummy,
         dummy_dropped=skip,
         efc=_g(iqm.efc(mean_image)),
@@ -410,13 +713,22 @@ def _volume(q: QAInputs, cfg: Mapping[str, Any], out, series, notes) -> None:
     series["global_signal"] = _trace(global_signal)
     if cfg["aqi_mask"] == "brain_mask":
         notes.append("AQI over the brain mask (qa.aqi_mask=brain_mask; MRIQC runs 3dTqual -automask)")
-        aqi = (brain, None)
+        aqi = (brain, None, None)
     else:
         auto = iqm.automask(abs_total / n_used)
         out["aqi_channels"] = int(auto.sum())
-        # the automask's voxels: columns of the brain series when inside the mask, else read again
-        aqi = (brain, auto[mask]) if not (auto & ~mask).any() else (_source_voxels(vol, skip, auto), None)
-    if _series_metrics(brain, out, series, notes, skip, aqi=aqi) and out["efc"] is not None:
+        # the automask's voxels: columns of the brain series (and of the voxels gathered
+        # outside the mask), else read again
+        found = frames.automask_series(auto, skip)
+        if found is None:
+            aqi = (_source_voxels(vol, skip, auto), None, None)
+        else:
+            joined, brain_cols, extra_cols = found
+            medians = [stats.median[brain_cols]]
+            if extra_cols.size:
+                medians.append(iqm.temporal_median(frames.extra[skip:])[extra_cols])
+            aqi = (joined, None, np.concatenate(medians))
+    if _series_metrics(brain, out, series, notes, skip, aqi=aqi, statistics=stats) and out["efc"] is not None:
         notes.append("EFC of a near-zero-mean image (the series look demeaned): it measures where the positive "
                      "residuals lie, not image sharpness")
 

@@ -150,7 +150,10 @@ def volume_outputs(run: RunInputs, inputs: Mapping[str, Any]) -> Produced:
     policy = recipe["inputs"]["nan_policy"]
     qa_frames = _qa_frames(run, vol, mask, grid)
     resampled = None
-    block_frames = frames_per_block(vol.n_frames, np.prod(vol.shape[:3]))
+    # blocks bounded by the source frames and by what the operators make of them (a small
+    # native-space source can map onto hundreds of thousands of template voxels)
+    per_frame = max(int(np.prod(vol.shape[:3])), n_brain + sum(p.shape[1] for p in parcels))
+    block_frames = frames_per_block(vol.n_frames, per_frame)
     brain_rows = np.empty((block_frames, n_brain), dtype=np.float32)
     try:
         for start, stop, rows in vol.iter_frame_rows(block_frames):
@@ -161,7 +164,7 @@ def volume_outputs(run: RunInputs, inputs: Mapping[str, Any]) -> Produced:
                 brain.write(start, apply_brain.apply_rows(rows, out=brain_rows[:stop - start]))
             for out, apply in zip(parcels, apply_parcels):
                 apply.apply_rows(rows, out=out[start:stop])
-        rows = None  # the reader's block buffer is not needed past this pass
+        rows = brain_rows = None  # the block buffers are not needed past this pass
 
         temporal = recipe["temporal"]
 
@@ -172,6 +175,8 @@ def volume_outputs(run: RunInputs, inputs: Mapping[str, Any]) -> Produced:
         signal = any(np.ptp(x, axis=0).max() > 0 for x in parcels if x.size)
         if op is not None:
             resampled, signal = _retime_brain(brain, t_out, retimed, volume_cfg, mask_mode, signal)
+            if not resampled[0].shares_data(brain):
+                brain.close()  # a longer result lives in a series of its own
         if not signal:
             raise InputError(vol.path, "no BOLD signal: every voxel is constant over time")
         if op is not None:
@@ -222,7 +227,7 @@ def _retime_brain(brain: Series, t_out: int, retimed, cfg, mask_mode: str, signa
         signal = signal or bool(np.any(slab.max(axis=0) > slab.min(axis=0)))
         slab = retimed(slab)
         if out is None:  # not longer: in place (slabs are disjoint, each read before it is written)
-            out = brain.head(t_out) if t_out <= brain.shape[0] else Series(t_out, brain.shape[1], spill=brain.spilled)
+            out = brain.head(t_out) if t_out <= brain.shape[0] else Series(t_out, brain.shape[1])
         norm.fit(a, slab)
         out.write_columns(a, slab)
     return (out, norm), signal
