@@ -38,6 +38,28 @@ def scratch_dir() -> str:
     return os.environ.get("FMRI_DATA_TMPDIR") or tempfile.gettempdir()
 
 
+def scratch_error(directory: str, exc: OSError) -> ScratchError:
+    """The one-line failure of a temporary file in ``directory``."""
+    return ScratchError(f"cannot use the temporary folder {directory} for a run's working series "
+                        f"({exc.strerror or exc}); set FMRI_DATA_TMPDIR to a folder with space")
+
+
+def temporary_file(nbytes: int, directory: str | None = None):
+    """An unnamed temporary file of ``nbytes`` (sparse) in ``directory`` (default
+    :func:`scratch_dir`), deleted when closed or collected.
+
+    Raises:
+        ScratchError: it cannot be made (names the folder).
+    """
+    directory = directory or scratch_dir()
+    try:
+        file = tempfile.TemporaryFile(dir=directory)  # noqa: SIM115 - the caller owns it
+        file.truncate(nbytes)
+    except OSError as exc:
+        raise scratch_error(directory, exc) from exc
+    return file
+
+
 def column_slabs(n_frames: int, n_columns: int, slab_bytes: int = SLAB_BYTES) -> list[tuple[int, int]]:
     """``[(a, b), ...]`` covering ``range(n_columns)`` so that ``(n_frames, b - a)`` float32
     is at most ``slab_bytes`` (at least 256 columns, at most all)."""
@@ -75,21 +97,11 @@ class Series:
             spill = n_frames * n_columns * 4 > SPILL_BYTES
         self.directory = directory or scratch_dir()
         self._array = None if spill else np.empty((n_frames, n_columns), dtype=np.float32)
-        self._file = None
-        if spill:
-            try:
-                self._file = tempfile.TemporaryFile(dir=self.directory)  # noqa: SIM115 - lives with the series
-                self._file.truncate(n_frames * n_columns * 4)
-            except OSError as exc:
-                raise self._error(exc) from exc
+        self._file = temporary_file(n_frames * n_columns * 4, self.directory) if spill else None
 
     @property
     def spilled(self) -> bool:
         return self._file is not None
-
-    def _error(self, exc: OSError) -> ScratchError:
-        return ScratchError(f"cannot use the temporary folder {self.directory} for a run's working series "
-                            f"({exc.strerror or exc}); set FMRI_DATA_TMPDIR to a folder with space")
 
     def _offset(self, row: int, column: int = 0) -> int:
         return ((self._first + row) * self.shape[1] + column) * 4
@@ -101,7 +113,7 @@ class Series:
                 written = os.pwrite(self._file.fileno(), view, offset)
                 view, offset = view[written:], offset + written
         except OSError as exc:
-            raise self._error(exc) from exc
+            raise scratch_error(self.directory, exc) from exc
 
     def _pread(self, out: np.ndarray, offset: int) -> None:
         view = memoryview(out).cast("B")

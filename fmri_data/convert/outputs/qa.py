@@ -11,8 +11,10 @@ Where the metrics are computed (the choice, and why):
   source grid (nearest neighbour), else the ``desc-brain_mask`` file, else an EPI mask of
   the source mean (ROI-only recipes). The converter gathers what the metrics need
   (:class:`SourceFrames`: the source brain voxels ``(T, N_brain)`` float32, the mean
-  image, the global signal) in its single streaming pass over the source; only when the
-  mask needs the source mean first (or on ``recompute_qa``) does QA read the source itself.
+  image, the global signal, the voxels outside the mask that AQI's automask may take) in
+  its single streaming pass over the source; only when the mask needs the source mean
+  first (or on ``recompute_qa``), or when the automask has a voxel that was not gathered,
+  does QA read the source itself.
 * **Surface, dense CIFTI and parcellated CIFTI runs: on the source vertices /
   grayordinates / parcels**; channels constant over time (the medial wall) are left out.
   tSNR, DVARS, GCOR, FD and the non-steady-state count apply; AOR, AQI, EFC, FBER and GSR
@@ -47,7 +49,6 @@ from __future__ import annotations
 import logging
 import math
 import os
-import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -68,6 +69,7 @@ from ...read.nifti import open_volume, read_image_3d
 from ...reference.grids import Grid
 from ...resample.spatial import resample_mask
 from ..context import RunInputs, frames_per_block, temporal_mean
+from ..scratch import scratch_dir, scratch_error, temporary_file
 from .base import OutputKind, Produced, Timing
 
 log = logging.getLogger(__name__)
@@ -164,7 +166,8 @@ class SpilledSeries:
     a column slab. Rows are stored contiguously (row-major).
 
     Args:
-        n_frames: T; n_columns: N; directory: where the file lives (default: ``tempfile``'s);
+        n_frames: T; n_columns: N; directory: where the file lives (default:
+            :func:`~fmri_data.convert.scratch.scratch_dir`, ``FMRI_DATA_TMPDIR``);
         memory_bytes: bytes of leading frames held in memory.
     """
 
@@ -174,8 +177,7 @@ class SpilledSeries:
                  _store: tuple | None = None, _first: int = 0):
         if _store is None:
             held = int(min(n_frames, memory_bytes // max(1, 4 * n_columns)))
-            file = tempfile.TemporaryFile(dir=directory)  # noqa: SIM115 - lives with the series
-            file.truncate((n_frames - held) * n_columns * 4)
+            file = temporary_file((n_frames - held) * n_columns * 4, directory)
             _store = (np.empty((held, n_columns), dtype=np.float32), file, n_frames)
         self._store = _store
         self._memory, self._file, total = _store
@@ -196,9 +198,12 @@ class SpilledSeries:
         if in_memory < len(rows):
             data = np.ascontiguousarray(rows[in_memory:], dtype=np.float32)
             view, offset = memoryview(data).cast("B"), self._offset(first + in_memory)
-            while view.nbytes:
-                written = os.pwrite(self._file.fileno(), view, offset)
-                view, offset = view[written:], offset + written
+            try:
+                while view.nbytes:
+                    written = os.pwrite(self._file.fileno(), view, offset)
+                    view, offset = view[written:], offset + written
+            except OSError as exc:
+                raise scratch_error(scratch_dir(), exc) from exc
 
     def held(self, a: int, b: int) -> np.ndarray | None:
         """Frames ``[a, b)`` as a writable view of the memory when all of them are held, else None."""
