@@ -22,6 +22,7 @@ import numba
 import numpy as np
 
 from ..errors import SettingError
+from ..resample.operator import run_numba_parallel
 
 #: :func:`epi_mask`: an EPI mask with more than this fraction of voxels whose mean is exactly
 #: 0 is taken as the box of already-masked data (those voxels carry no signal).
@@ -183,7 +184,7 @@ def scatter_columns(values: np.ndarray, position: np.ndarray, out: np.ndarray) -
     """
     values = np.ascontiguousarray(values, dtype=out.dtype)
     bits = np.dtype(f"u{out.dtype.itemsize}")
-    _scatter_rows(values.view(bits), np.asarray(position, dtype=np.int64), out.view(bits))
+    run_numba_parallel(_scatter_rows, values.view(bits), np.asarray(position, dtype=np.int64), out.view(bits))
     return out
 
 
@@ -242,11 +243,11 @@ class VolumeNormalizer:
         self.std = 1.0
         self.background = 0.0
 
-    def _prepared(self, values: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
-        brain = values != 0 if self.elementwise else None
+    def _prepared(self, values: np.ndarray) -> np.ndarray:
+        """Values after the negatives rule (the per-column and ``none`` kinds)."""
         if self.negatives == "zero":
             values = np.maximum(values, np.float32(0))
-        return np.asarray(values, dtype=np.float32), brain
+        return np.asarray(values, dtype=np.float32)
 
     def fit(self, start: int, slab: np.ndarray) -> None:
         """Columns ``[start, start + slab.shape[1])`` of the whole run, ``slab (T, n)`` float32."""
@@ -261,7 +262,7 @@ class VolumeNormalizer:
                 self.count = total
                 self.low = min(self.low, float(low))
             return
-        values, _ = self._prepared(slab)
+        values = self._prepared(slab)
         if self.center is not None:
             center, scale = _column_params(values, self.kind)
             self.center[start:start + values.shape[1]] = center
@@ -304,15 +305,9 @@ class VolumeNormalizer:
             center, scale = self.center, self.scale
         else:
             center, scale = np.zeros(1), np.ones(1)
-        _normalize_into(rows, center, scale, self.elementwise, self.negatives == "zero", np.float32(self.background), out)
+        run_numba_parallel(_normalize_into, rows, center, scale, self.elementwise, self.negatives == "zero",
+                     np.float32(self.background), out)
         return out
-
-
-def background_value(normalized: np.ndarray, rule: str) -> float:
-    """Value written outside the brain: ``"min"`` of the normalized brain values, or ``"zero"``."""
-    if rule == "zero" or normalized.size == 0:
-        return 0.0
-    return float(normalized.min())
 
 
 def footprint_mask(
@@ -339,11 +334,6 @@ def footprint_mask(
     op = resampling_matrix(np.shape(data), source_affine, grid_indices(target_shape), target_affine, order=1)
     inside = (np.nan_to_num(np.asarray(data, dtype=np.float64)).reshape(-1) != 0).astype(np.float64)
     return ((abs(op) @ inside) > 0).reshape(tuple(target_shape))
-
-
-def zero_negatives(x: np.ndarray) -> np.ndarray:
-    """``np.maximum(x, 0)`` as float32 (NeuroSTORM ``data[data < 0] = 0``); a new array."""
-    return np.maximum(np.asarray(x, dtype=np.float32), np.float32(0))
 
 
 def global_zscore_elements(

@@ -92,8 +92,9 @@ _LAYER_LOCK = threading.Lock()
 _LAYER = {"threadsafe": False}
 
 
-def _run_kernel(indptr, indices, data, x, out, kernel=_csr_times_dense) -> None:
-    """Run the numba kernel; serialized while the threading layer is not known to be thread-safe.
+def run_numba_parallel(kernel, *args) -> None:
+    """Call a numba ``parallel=True`` kernel; serialized while the threading layer is not
+    known to be thread-safe.
 
     Conversion runs several runs in threads. numba picks TBB, then OpenMP, then its own
     ``workqueue`` layer, and ``workqueue`` aborts the process when two threads enter a
@@ -101,11 +102,16 @@ def _run_kernel(indptr, indices, data, x, out, kernel=_csr_times_dense) -> None:
     layer is in use, and keep holding it when that is ``workqueue``.
     """
     if _LAYER["threadsafe"]:
-        kernel(indptr, indices, data, x, out)
+        kernel(*args)
         return
     with _LAYER_LOCK:
-        kernel(indptr, indices, data, x, out)
+        kernel(*args)
         _LAYER["threadsafe"] = numba.threading_layer() != "workqueue"
+
+
+def _run_kernel(indptr, indices, data, x, out, kernel=_csr_times_dense) -> None:
+    """Run an operator kernel through :func:`run_numba_parallel`."""
+    run_numba_parallel(kernel, indptr, indices, data, x, out)
 
 
 @functools.lru_cache(maxsize=1)
