@@ -137,7 +137,8 @@ class VolumeSeries:
         scaled = not (slope == 1.0 and inter == 0.0)
         # one buffer for the whole pass (a fresh one per block costs the kernel its pages again)
         raw_buffer = np.empty((min(frames_per_block, self.n_frames), n_voxels), dtype=dtype)
-        converted = None if dtype == np.float32 and dtype.isnative and not scaled else np.empty(raw_buffer.shape, np.float32)
+        as_is = dtype == np.float32 and dtype.isnative and not scaled
+        converted = None if as_is else np.empty(raw_buffer.shape, np.float32)
         try:
             stream = open_frames(self.path, proxy.offset)
             with stream:
@@ -148,7 +149,8 @@ class VolumeSeries:
                     while got < view.nbytes:
                         n = stream.readinto(view[got:])
                         if not n:
-                            raise EOFError(f"data ends at frame {start + got // (n_voxels * dtype.itemsize)} of {self.n_frames}")
+                            frame = start + got // (n_voxels * dtype.itemsize)
+                            raise EOFError(f"data ends at frame {frame} of {self.n_frames}")
                         got += n
                     if converted is None:
                         yield start, stop, raw
