@@ -193,6 +193,14 @@ def test_a_late_worker_partitions_from_where_the_iteration_started(real_store, m
     assert got == ds.windows_of_epoch(0).tolist()
 
 
+def test_read_ahead_by_default_only_for_large_windows(real_store):
+    roi = build_index(real_store, length=20, stride=10, array=ROI)  # 20 x 400 float32: 32 kB
+    bold = build_index(real_store, length=20, stride=40, array="bold", run_ids=[HAXBY_RUN.format(1)])  # 35 MB
+    assert WindowDataset(roi, batch_size=2).prefetch == 0
+    assert WindowDataset(bold, batch_size=2).prefetch == 2
+    assert WindowDataset(roi, batch_size=2, prefetch=3).prefetch == 3  # an explicit value is kept
+
+
 def test_windows_hold_the_stored_frames_in_each_layout(real_store):
     store = Store.open(real_store)
     index = build_index(real_store, length=20, stride=40, array="bold", run_ids=[HAXBY_RUN.format(1), HAXBY_RUN.format(2)])
