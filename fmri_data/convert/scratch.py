@@ -68,16 +68,20 @@ def column_slabs(n_frames: int, n_columns: int, slab_bytes: int = SLAB_BYTES) ->
 
 
 class Series:
-    """A ``(T, N)`` float32 series, in memory or spilled (see the module).
+    """A ``(T, N)`` float32 series: its first frames held in memory (up to ``memory_bytes``),
+    the rest in an unnamed temporary file (see the module).
 
     Indexing as numpy for what its readers use: ``s[a:b]`` -> frames ``(b - a, N)``;
     ``s[:, a:b]`` -> a column slab ``(T, b - a)``; ``s[t]`` / ``s[t, columns]`` -> a frame;
     ``s[k:]`` -> the series from frame ``k`` (a view on the same data; :meth:`head` the first
-    frames). :meth:`write` fills frames, :meth:`write_columns` a column slab.
+    frames). :meth:`write` fills frames, :meth:`write_columns` a column slab; :meth:`rows`,
+    :meth:`columns` and :meth:`column_parts` read into a caller's buffer, and :meth:`held`
+    gives the frames held in memory to write in place.
 
     Args:
         n_frames: T; n_columns: N.
-        spill: keep it in a temporary file; default: when larger than :data:`SPILL_BYTES`.
+        memory_bytes: bytes of leading frames held in memory; default: the whole series when
+            it is at most :data:`SPILL_BYTES`, else none (0: all in the file).
         directory: the temporary file's folder (default :func:`scratch_dir`).
 
     Raises:
@@ -86,25 +90,41 @@ class Series:
 
     dtype = np.dtype(np.float32)
 
-    def __init__(self, n_frames: int, n_columns: int, spill: bool | None = None, directory: str | None = None,
-                 *, _parent: Series | None = None, _first: int = 0):
-        self.shape = (int(n_frames) - _first, int(n_columns))
+    def __init__(self, n_frames: int, n_columns: int, memory_bytes: int | None = None, directory: str | None = None,
+                 *, _store: tuple | None = None, _first: int = 0, _frames: int | None = None):
+        if _store is None:
+            if memory_bytes is None:
+                memory_bytes = n_frames * n_columns * 4 if n_frames * n_columns * 4 <= SPILL_BYTES else 0
+            held = int(min(n_frames, memory_bytes // max(1, 4 * n_columns)))
+            directory = directory or scratch_dir()
+            rest = (n_frames - held) * n_columns * 4
+            file = temporary_file(rest, directory) if held < n_frames else None
+            _store = (np.empty((held, n_columns), dtype=np.float32), file, int(n_frames), directory)
+        self._store = _store
+        self._memory, self._file, total, self.directory = _store
+        self._held = self._memory.shape[0]
         self._first = _first
-        if _parent is not None:
-            self._array, self._file, self.directory = _parent._array, _parent._file, _parent.directory
-            return
-        if spill is None:
-            spill = n_frames * n_columns * 4 > SPILL_BYTES
-        self.directory = directory or scratch_dir()
-        self._array = None if spill else np.empty((n_frames, n_columns), dtype=np.float32)
-        self._file = temporary_file(n_frames * n_columns * 4, self.directory) if spill else None
+        self.shape = (total - _first if _frames is None else _frames, int(n_columns))
 
     @property
     def spilled(self) -> bool:
+        """Whether some frames live in the temporary file."""
         return self._file is not None
 
-    def _offset(self, row: int, column: int = 0) -> int:
-        return ((self._first + row) * self.shape[1] + column) * 4
+    def shares_data(self, other: Series) -> bool:
+        """Whether both are views of the same storage (:meth:`head`, ``s[k:]``)."""
+        return self._store is other._store
+
+    def head(self, n_frames: int) -> Series:
+        """The first ``n_frames`` frames as a series on the same data (``n_frames`` <= T): a
+        shorter result written over its input, column slab by column slab, reuses its pages."""
+        if not 0 < n_frames <= self.shape[0]:
+            raise ValueError(f"head of {n_frames} frames of a {self.shape[0]}-frame series")
+        return Series(0, self.shape[1], _store=self._store, _first=self._first, _frames=n_frames)
+
+    def _offset(self, frame: int, column: int = 0) -> int:
+        """Byte offset in the file of absolute frame ``frame`` (>= the held frames)."""
+        return ((frame - self._held) * self.shape[1] + column) * 4
 
     def _pwrite(self, data: np.ndarray, offset: int) -> None:
         view = memoryview(np.ascontiguousarray(data, dtype=np.float32)).cast("B")
@@ -125,46 +145,60 @@ class Series:
 
     def write(self, start: int, rows: np.ndarray) -> None:
         """Frames ``[start, start + len(rows))`` from ``rows (k, N)``."""
-        if self._array is not None:
-            self._array[self._first + start:self._first + start + len(rows)] = rows
-        else:
-            self._pwrite(rows, self._offset(start))
+        first = self._first + start
+        in_memory = max(0, min(len(rows), self._held - first))
+        if in_memory:
+            self._memory[first:first + in_memory] = rows[:in_memory]
+        if in_memory < len(rows):
+            self._pwrite(rows[in_memory:], self._offset(first + in_memory))
 
     def write_columns(self, a: int, values: np.ndarray) -> None:
         """Columns ``[a, a + values.shape[1])`` of every frame from ``values (T, b - a)``."""
-        if self._array is not None:
-            self._array[self._first:self._first + self.shape[0], a:a + values.shape[1]] = values
-            return
-        values = np.ascontiguousarray(values, dtype=np.float32)
-        for t in range(self.shape[0]):
-            self._pwrite(values[t], self._offset(t, a))
+        held = min(self.shape[0], max(0, self._held - self._first))
+        self._memory[self._first:self._first + held, a:a + values.shape[1]] = values[:held]
+        for t in range(held, self.shape[0]):
+            self._pwrite(values[t], self._offset(self._first + t, a))
 
-    def _rows(self, a: int, b: int) -> np.ndarray:
-        if self._array is not None:
-            return self._array[self._first + a:self._first + b]
-        out = np.empty((b - a, self.shape[1]), dtype=np.float32)
-        self._pread(out, self._offset(a))
+    def held(self, a: int, b: int) -> np.ndarray | None:
+        """Frames ``[a, b)`` as a writable view of the memory when all of them are held, else None."""
+        a, b = self._first + a, self._first + b
+        return self._memory[a:b] if b <= self._held else None
+
+    def rows(self, a: int, b: int, out: np.ndarray | None = None) -> np.ndarray:
+        """Frames ``[a, b)`` as a ``(b - a, N)`` float32 array: a view when all are held in
+        memory, else read (into ``out``, a C-contiguous float32 array of that shape, when given)."""
+        a, b = self._first + a, self._first + max(a, b)
+        if b <= self._held:
+            return self._memory[a:b]
+        out = np.empty((b - a, self.shape[1]), dtype=np.float32) if out is None else out
+        split = min(max(a, self._held), b)
+        out[:split - a] = self._memory[a:split]
+        if b > split:
+            self._pread(out[split - a:], self._offset(split))
         return out
 
-    def _columns(self, a: int, b: int) -> np.ndarray:
-        if self._array is not None:
-            return self._array[self._first:self._first + self.shape[0], a:b]
-        out = np.empty((self.shape[0], b - a), dtype=np.float32)
-        for t in range(self.shape[0]):
-            self._pread(out[t], self._offset(t, a))
+    def column_parts(self, a: int, b: int, out: np.ndarray | None = None) -> list[tuple[int, np.ndarray]]:
+        """Columns ``[a, b)`` as ``[(first frame, (frames, b - a) array)]``: a view of the held
+        frames and the other frames read (into ``out``, C-contiguous ``(T, b - a)``, when given)."""
+        held = min(self.shape[0], max(0, self._held - self._first))
+        parts = [(0, self._memory[self._first:self._first + held, a:b])] if held else []
+        if held < self.shape[0]:
+            out = np.empty((self.shape[0], b - a), dtype=np.float32) if out is None else out
+            rest = out[:self.shape[0] - held]
+            for t in range(held, self.shape[0]):
+                self._pread(rest[t - held], self._offset(self._first + t, a))
+            parts.append((held, rest))
+        return parts
+
+    def columns(self, a: int, b: int, out: np.ndarray | None = None) -> np.ndarray:
+        """Columns ``[a, b)`` of every frame as a ``(T, b - a)`` float32 array (a copy; into
+        ``out``, C-contiguous, when given): ``s[:, a:b]``."""
+        out = np.empty((self.shape[0], b - a), dtype=np.float32) if out is None else out
+        held = min(self.shape[0], max(0, self._held - self._first))
+        out[:held] = self._memory[self._first:self._first + held, a:b]
+        for t in range(held, self.shape[0]):
+            self._pread(out[t], self._offset(self._first + t, a))
         return out
-
-    def head(self, n_frames: int) -> Series:
-        """The first ``n_frames`` frames as a series on the same data (``n_frames`` <= T): a
-        shorter result written over its input, column slab by column slab, reuses its pages."""
-        if not 0 < n_frames <= self.shape[0]:
-            raise ValueError(f"head of {n_frames} frames of a {self.shape[0]}-frame series")
-        return Series(self._first + n_frames, self.shape[1], _parent=self, _first=self._first)
-
-    def shares_data(self, other: Series) -> bool:
-        """Whether both are views of the same storage (:meth:`head`, ``s[k:]``)."""
-        return (self._array is not None and self._array is other._array) or (
-            self._file is not None and self._file is other._file)
 
     def __len__(self) -> int:
         return self.shape[0]
@@ -172,21 +206,20 @@ class Series:
     def __getitem__(self, key):
         rows, columns = key if isinstance(key, tuple) else (key, None)
         if isinstance(rows, (int, np.integer)):
-            frame = self._rows(int(rows), int(rows) + 1)[0]
+            frame = self.rows(int(rows), int(rows) + 1)[0]
             return frame if columns is None else frame[columns]
         if isinstance(rows, slice) and rows.step in (None, 1):
             a, b, _ = rows.indices(self.shape[0])
             if columns is None:
                 if rows.stop is None:
-                    return Series(self._first + self.shape[0], self.shape[1], _parent=self, _first=self._first + a)
-                return self._rows(a, b)
+                    return Series(0, self.shape[1], _store=self._store, _first=self._first + a, _frames=self.shape[0] - a)
+                return self.rows(a, b)
             if (a, b) == (0, self.shape[0]) and isinstance(columns, slice) and columns.step in (None, 1):
                 c0, c1, _ = columns.indices(self.shape[1])
-                return self._columns(c0, c1)
+                return self.columns(c0, c1)
         raise TypeError(f"Series does not support the index {key!r}")
 
     def close(self) -> None:
-        """Release the temporary file (or the array)."""
+        """Release the temporary file (the memory goes with the last reference)."""
         if self._file is not None:
             self._file.close()
-        self._array = None

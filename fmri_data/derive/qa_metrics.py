@@ -109,7 +109,7 @@ def _series(x: np.ndarray) -> np.ndarray:
     """``x`` as a ``(T, N)`` series: an array, or an out-of-core series (``shape``, ``dtype``
     and numpy indexing ``x[:, a:b]``, ``x[t]``, ``x[t, columns]`` returning arrays, and
     optionally ``x.rows(a, b)`` -> frames ``[a, b)``), e.g.
-    :class:`fmri_data.convert.outputs.qa.SpilledSeries`, which the slab-wise metrics read
+    :class:`fmri_data.convert.scratch.Series`, which the slab-wise metrics read
     without loading it whole."""
     if not isinstance(x, np.ndarray) and hasattr(x, "shape") and hasattr(x, "dtype") and hasattr(x, "__getitem__"):
         if len(x.shape) != 2:

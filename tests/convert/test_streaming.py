@@ -104,11 +104,11 @@ def test_apply_rows_is_the_operator_on_frame_rows(method):
                                rtol=1e-6, atol=1e-6)
 
 
-@pytest.mark.parametrize("spill", [False, True])
-def test_series_reads_back_what_was_written(spill):
+@pytest.mark.parametrize("held", [11, 5, 0])  # frames in memory: all, some, none
+def test_series_reads_back_what_was_written(held):
     values = RNG.standard_normal((11, 37)).astype(np.float32)
-    series = scratch.Series(11, 37, spill=spill)
-    assert series.spilled is spill
+    series = scratch.Series(11, 37, memory_bytes=held * 37 * 4)
+    assert series.spilled is (held < 11)
     series.write(0, values[:5])
     series.write(5, values[5:])
     np.testing.assert_array_equal(series[:, 3:20], values[:, 3:20])
@@ -120,7 +120,12 @@ def test_series_reads_back_what_was_written(spill):
     np.testing.assert_array_equal(series[:, 28:37], np.concatenate([values[:, 28:30], -values[:, 30:]], axis=1))
     head = series.head(4)  # a shorter result written over its input
     assert head.shape == (4, 37) and head.shares_data(series) and series[2:].shares_data(series)
-    assert not scratch.Series(11, 37, spill=spill).shares_data(series)
+    assert not scratch.Series(11, 37, memory_bytes=held * 37 * 4).shares_data(series)
+    np.testing.assert_array_equal(series.columns(0, 3), series[:, 0:3])
+    parts = series.column_parts(1, 4)
+    assert [first for first, _ in parts] == ([0] if held else []) + ([held] if held < 11 else [])
+    np.testing.assert_array_equal(np.concatenate([p for _, p in parts]), series[:, 1:4])
+    assert (series.held(0, 2) is not None) is (held >= 2)
     head.write_columns(0, np.zeros((4, 2), dtype=np.float32))
     np.testing.assert_array_equal(head[:, 0:3], np.concatenate([np.zeros((4, 2)), values[:4, 2:3]], axis=1))
     past_head = np.concatenate([values[4:6, 25:30], -values[4:6, 30:35]], axis=1)
@@ -131,7 +136,7 @@ def test_series_reads_back_what_was_written(spill):
 
 def test_series_names_an_unusable_folder(tmp_path):
     with pytest.raises(scratch.ScratchError, match="cannot use the temporary folder .*missing.*FMRI_DATA_TMPDIR"):
-        scratch.Series(10, 10, spill=True, directory=str(tmp_path / "missing"))
+        scratch.Series(10, 10, memory_bytes=0, directory=str(tmp_path / "missing"))
 
 
 def _reference_normalize(x, kind, elementwise=False, negatives="keep", ddof=0, background="min"):

@@ -22,6 +22,7 @@ import pytest
 from scipy import stats
 
 import fmri_data.convert.outputs.qa as qa_module
+from fmri_data.convert.scratch import Series
 from fmri_data.derive import qa_metrics as iqm
 
 
@@ -204,7 +205,7 @@ def test_spilled_series_and_the_metrics_reading_it(tmp_path, held, threads):
     # a synthetic series written in blocks that straddle the held/file boundary, read back
     # by frames, blocks and column slabs as numpy would index it, and the metrics on it
     x = awkward_series(30, 50, seed=8)
-    spilled = qa_module.SpilledSeries(*x.shape, directory=str(tmp_path), memory_bytes=held * 50 * 4)
+    spilled = Series(*x.shape, directory=str(tmp_path), memory_bytes=held * 50 * 4)
     for a in range(0, 30, 7):
         spilled.write(a, x[a:a + 7])
     assert spilled.held(0, 5) is not None if held >= 5 else spilled.held(0, 5) is None
@@ -281,7 +282,7 @@ def test_source_frames_gather_equals_numpy(held, threads, monkeypatch):
         # brain columns: the voxels named by frames.voxels (flat RAS+ indices), every one of the mask
         assert sorted(frames.voxels) == list(np.flatnonzero(mask))
         brain = frames.brain if isinstance(frames.brain, np.ndarray) else frames.brain.rows(0, t)
-        assert isinstance(frames.brain, qa_module.SpilledSeries) == spill
+        assert isinstance(frames.brain, Series) == spill
         np.testing.assert_array_equal(brain, clean.reshape(-1, t)[frames.voxels].T, err_msg=name)
         np.testing.assert_array_equal(frames.histogram(), iqm.value_histogram(brain))
         np.testing.assert_array_equal(frames.histogram(3), iqm.value_histogram(brain[3:]))

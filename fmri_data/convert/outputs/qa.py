@@ -48,7 +48,6 @@ from __future__ import annotations
 
 import logging
 import math
-import os
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -69,7 +68,7 @@ from ...read.nifti import open_volume, read_image_3d
 from ...reference.grids import Grid
 from ...resample.spatial import resample_mask
 from ..context import RunInputs, frames_per_block, temporal_mean
-from ..scratch import scratch_dir, scratch_error, temporary_file
+from ..scratch import Series
 from .base import OutputKind, Produced, Timing
 
 log = logging.getLogger(__name__)
@@ -148,131 +147,13 @@ def source_mask(mask_file: str | None, vol, grid_mask: np.ndarray | None, grid) 
 
 #: Memory (bytes) a gathered series may hold: a series up to this size stays in memory; a
 #: larger one keeps its first frames up to this size in memory and the rest in a temporary
-#: file (:class:`SpilledSeries`). At HCP size (1200 x 235,785 brain voxels, 1.05 GiB) about
+#: file (:class:`Series`). At HCP size (1200 x 235,785 brain voxels, 1.05 GiB) about
 #: half stays in memory, which halves the file traffic (issue 15: QA may add 1 GiB of peak).
 SPILL_BYTES = 512 * 2**20
 
 
-class SpilledSeries:
-    """A ``(T, N)`` float32 series whose first frames are held in memory (up to
-    ``memory_bytes``) and the rest in an unnamed temporary file (deleted when closed or
-    collected), written frame block by frame block and read back as column slabs or frames,
-    so that the QA metrics (slab-wise, :func:`fmri_data.derive.qa_metrics.column_slabs`)
-    hold about one slab in memory besides the held frames instead of the whole run.
-
-    Indexing as numpy for what the metrics use: ``s[:, a:b]`` -> ``(T, b - a)`` array,
-    ``s[t]`` / ``s[t, columns]`` -> a frame, ``s[k:]`` -> the series from frame ``k`` (a view
-    on the same storage); :meth:`rows` -> a block of frames (one read), :meth:`columns` ->
-    a column slab. Rows are stored contiguously (row-major).
-
-    Args:
-        n_frames: T; n_columns: N; directory: where the file lives (default:
-            :func:`~fmri_data.convert.scratch.scratch_dir`, ``FMRI_DATA_TMPDIR``);
-        memory_bytes: bytes of leading frames held in memory.
-    """
-
-    dtype = np.dtype(np.float32)
-
-    def __init__(self, n_frames: int, n_columns: int, directory: str | None = None, memory_bytes: int = 0, *,
-                 _store: tuple | None = None, _first: int = 0):
-        if _store is None:
-            held = int(min(n_frames, memory_bytes // max(1, 4 * n_columns)))
-            file = temporary_file((n_frames - held) * n_columns * 4, directory)
-            _store = (np.empty((held, n_columns), dtype=np.float32), file, n_frames)
-        self._store = _store
-        self._memory, self._file, total = _store
-        self._held = self._memory.shape[0]
-        self._first = _first
-        self.shape = (total - _first, n_columns)
-
-    def _offset(self, frame: int, column: int = 0) -> int:
-        """Byte offset in the file of absolute frame ``frame`` (>= the held frames)."""
-        return ((frame - self._held) * self.shape[1] + column) * 4
-
-    def write(self, start: int, rows: np.ndarray) -> None:
-        """Frames ``[start, start + len(rows))`` (``rows (k, N)``)."""
-        first = self._first + start
-        in_memory = max(0, min(len(rows), self._held - first))
-        if in_memory:
-            self._memory[first:first + in_memory] = rows[:in_memory]
-        if in_memory < len(rows):
-            data = np.ascontiguousarray(rows[in_memory:], dtype=np.float32)
-            view, offset = memoryview(data).cast("B"), self._offset(first + in_memory)
-            try:
-                while view.nbytes:
-                    written = os.pwrite(self._file.fileno(), view, offset)
-                    view, offset = view[written:], offset + written
-            except OSError as exc:
-                raise scratch_error(scratch_dir(), exc) from exc
-
-    def held(self, a: int, b: int) -> np.ndarray | None:
-        """Frames ``[a, b)`` as a writable view of the memory when all of them are held, else None."""
-        a, b = self._first + a, self._first + b
-        return self._memory[a:b] if b <= self._held else None
-
-    def _read(self, out: np.ndarray, offset: int) -> None:
-        view = memoryview(out).cast("B")
-        while view.nbytes:
-            got = os.preadv(self._file.fileno(), [view], offset)
-            if got <= 0:
-                raise OSError(f"QA temporary file ended early at byte {offset}")
-            view, offset = view[got:], offset + got
-
-    def rows(self, a: int, b: int, out: np.ndarray | None = None) -> np.ndarray:
-        """Frames ``[a, b)`` as a ``(b - a, N)`` float32 array: a view when all are held in
-        memory, else read (into ``out``, a C-contiguous float32 array of that shape, when given)."""
-        a, b = self._first + a, self._first + max(a, b)
-        if b <= self._held:
-            return self._memory[a:b]
-        out = np.empty((b - a, self.shape[1]), dtype=np.float32) if out is None else out
-        split = min(max(a, self._held), b)
-        out[:split - a] = self._memory[a:split]
-        if b > split:
-            self._read(out[split - a:], self._offset(split))
-        return out
-
-    def column_parts(self, a: int, b: int, out: np.ndarray | None = None) -> list[tuple[int, np.ndarray]]:
-        """Columns ``[a, b)`` as ``[(first frame, (frames, b - a) array)]``: a view of the held
-        frames and the other frames read (into ``out``, C-contiguous ``(T, b - a)``, when given)."""
-        held = min(self.shape[0], max(0, self._held - self._first))
-        parts = [(0, self._memory[self._first:self._first + held, a:b])] if held else []
-        if held < self.shape[0]:
-            out = np.empty((self.shape[0], b - a), dtype=np.float32) if out is None else out
-            rest = out[:self.shape[0] - held]
-            for t in range(held, self.shape[0]):
-                self._read(rest[t - held], self._offset(self._first + t, a))
-            parts.append((held, rest))
-        return parts
-
-    def columns(self, a: int, b: int, out: np.ndarray | None = None) -> np.ndarray:
-        """Columns ``[a, b)`` of every frame as a ``(T, b - a)`` float32 array (a copy of the
-        held frames, one read per other frame; into ``out``, C-contiguous, when given): ``s[:, a:b]``."""
-        out = np.empty((self.shape[0], b - a), dtype=np.float32) if out is None else out
-        held = max(0, self._held - self._first)
-        out[:held] = self._memory[self._first:, a:b]
-        for t in range(held, self.shape[0]):
-            self._read(out[t], self._offset(self._first + t, a))
-        return out
-
-    def __getitem__(self, key):
-        rows, columns = key if isinstance(key, tuple) else (key, None)
-        if isinstance(rows, (int, np.integer)):
-            frame = self.rows(int(rows), int(rows) + 1)[0]
-            return frame if columns is None else frame[columns]
-        if isinstance(rows, slice) and rows.step in (None, 1) and rows.stop is None:
-            if columns is None:
-                return SpilledSeries(0, self.shape[1], _store=self._store, _first=self._first + (rows.start or 0))
-            if rows.start in (None, 0) and isinstance(columns, slice) and columns.step in (None, 1):
-                a, b, _ = columns.indices(self.shape[1])
-                return self.columns(a, b)
-        raise TypeError(f"SpilledSeries does not support the index {key!r}")
-
-    def close(self) -> None:
-        self._file.close()
-
-
 class JoinedColumns:
-    """Columns of several ``(T, *)`` float32 series (arrays or :class:`SpilledSeries`) side by
+    """Columns of several ``(T, *)`` float32 series (arrays or :class:`Series`) side by
     side: ``parts`` (what :func:`~fmri_data.derive.qa_metrics.quality_index` reads, part by
     part), or ``rows(a, b)`` -> ``(b - a, M)``, ``s[t]`` -> a frame.
 
@@ -414,7 +295,7 @@ class SourceFrames:
     Fed by the converter's single streaming pass (:mod:`.volume`) when the mask is known
     before it, else by a pass of QA's own. Holds the brain voxels ``brain (T, N_brain)``
     float32 (non-finite values as 0; partly in a temporary file above :data:`SPILL_BYTES`,
-    :class:`SpilledSeries`),
+    :class:`Series`),
     the voxelwise sums of ``x`` and ``|x|`` over time (the latter for AFNI's automask), which
     voxels were ever non-finite, the global signal (mean over all voxels per frame) and the
     histogram of the brain values' high key bits (the first pass of the exact global median,
@@ -449,7 +330,7 @@ class SourceFrames:
         self.mask, self.mask_source, self.n_frames = mask, mask_source, n_frames
         n_brain = int(mask.sum())
         spill = n_frames * n_brain * 4 > SPILL_BYTES
-        self.brain = SpilledSeries(n_frames, n_brain, memory_bytes=SPILL_BYTES) if spill \
+        self.brain = Series(n_frames, n_brain, memory_bytes=SPILL_BYTES) if spill \
             else np.empty((n_frames, n_brain), dtype=np.float32)
         self.voxels = np.flatnonzero(mask)
         self.total = np.zeros(shape, dtype=np.float64)
@@ -458,7 +339,7 @@ class SourceFrames:
         self.global_signal = np.empty(n_frames, dtype=np.float64)
         self.high = np.zeros(iqm.HISTOGRAM_BINS, dtype=np.int64)
         self.extra_voxels = np.empty(0, dtype=np.int64)
-        self.extra: np.ndarray | SpilledSeries | None = None
+        self.extra: np.ndarray | Series | None = None
         self._layouts: dict = {}
         self._extra_positions: dict = {}
         self._ordered = False
@@ -491,7 +372,7 @@ class SourceFrames:
             self.extra_voxels = np.flatnonzero(near)
             n = self.extra_voxels.size
             spill = self.n_frames * n * 4 > SPILL_BYTES
-            self.extra = SpilledSeries(self.n_frames, n) if spill else np.empty((self.n_frames, n), dtype=np.float32)
+            self.extra = Series(self.n_frames, n, memory_bytes=0) if spill else np.empty((self.n_frames, n), dtype=np.float32)
 
     def _gather_extra(self, start: int, rows: np.ndarray, ras: np.ndarray) -> None:
         if id(ras) not in self._extra_positions:
@@ -500,7 +381,7 @@ class SourceFrames:
             self._extra_positions[id(ras)] = inverse[self.extra_voxels]
         values = rows[:, self._extra_positions[id(ras)]]
         values = np.where(np.isfinite(values), values, np.float32(0.0))
-        if isinstance(self.extra, SpilledSeries):
+        if isinstance(self.extra, Series):
             self.extra.write(start, values)
         else:
             self.extra[start:start + values.shape[0]] = values
@@ -511,8 +392,8 @@ class SourceFrames:
             block = block.astype(np.float32)
         rows, ras, brain_j, brain_k = self._layout(block)
         n_t, n_vox = rows.shape
-        held = self.brain.held(start, stop) if isinstance(self.brain, SpilledSeries) else None
-        spilled = isinstance(self.brain, SpilledSeries) and held is None
+        held = self.brain.held(start, stop) if isinstance(self.brain, Series) else None
+        spilled = isinstance(self.brain, Series) and held is None
         if held is not None:  # frames held in memory: written in place
             brain = held
         elif spilled:  # one buffer for every block (no fresh pages to fault in each time)
