@@ -241,7 +241,7 @@ def instrument() -> Phases:
     phases.wrap(vol_out, "write_roi", "ROI derivation")
     for name in ("fit", "finish", "apply"):
         phases.wrap(vol_out.VolumeNormalizer, name, "normalize")
-    for name in ("write", "write_columns", "_rows", "_columns"):
+    for name in ("write", "write_columns", "rows", "columns"):
         phases.wrap(scratch.Series, name, "scratch file")
     phases.wrap(context, "temporal_mean", "read+decode")
     for name in ("write_series", "write_array", "commit"):
@@ -422,7 +422,12 @@ def main() -> None:
 
         result = tmp / "phases.json"
         ours_cmd = [sys.executable, str(Path(__file__).resolve()), "--phases-child", str(tmp / "ds"), str(tmp / "out.zarr"), str(result)]
-        t_ours, m_ours = run_child(ours_cmd)
+        try:
+            t_ours, m_ours = run_child(ours_cmd)
+        except subprocess.CalledProcessError as exc:
+            tail = (exc.stderr or "").strip().splitlines()
+            print(f"fmri-data convert: failed (exit {exc.returncode}: {tail[-1] if tail else 'no message'})")
+            return
         phases = json.loads(result.read_text())
         wall = phases["wall"]
         seconds = phases["seconds"]
