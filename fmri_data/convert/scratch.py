@@ -3,14 +3,15 @@
 A conversion holds a few whole-run series between its passes (the brain voxels after
 spatial resampling, then after temporal resampling; QA's brain voxels). At HCP size
 (1,200 frames x ~230,000 brain voxels) each is about 1 GiB, and it grows with the run; so
-above :data:`SPILL_BYTES` a series lives in an unnamed temporary file (deleted when closed
-or collected; never under the store) and is read back in bounded pieces: frame blocks
-(rows) or column slabs (voxels, for per-voxel temporal work). Below it, a numpy array.
-File reads and writes are ``pread``/``pwrite`` of contiguous row pieces, not ``mmap``: the
-page cache holds the data, the process's resident memory holds one piece.
+a :class:`Series` holds its first frames in memory up to a budget (by default the whole
+series up to :data:`SPILL_BYTES`, else none; QA keeps up to 512 MiB) and the rest in an
+unnamed temporary file (deleted when closed or collected; never under the store), read
+back in bounded pieces: frame blocks (rows) or column slabs (voxels, for per-voxel temporal
+work). File reads and writes are ``pread``/``pwrite`` of contiguous row pieces, not
+``mmap``: the page cache holds the data, the process's resident memory holds one piece.
 
-The folder is ``FMRI_DATA_TMPDIR`` when set, else :mod:`tempfile`'s (``TMPDIR``); a spilled
-HCP-sized run needs about 2 GiB there while it converts.
+The folder is ``FMRI_DATA_TMPDIR`` when set, else :mod:`tempfile`'s (``TMPDIR``); an
+HCP-sized run needs about 1-2 GiB there while it converts (its brain series, and QA's).
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ import numpy as np
 
 from ..errors import FmriDataError
 
-#: Series larger than this (bytes) are kept in a temporary file, not in memory.
+#: By default, series larger than this (bytes) are kept in a temporary file, not in memory.
 SPILL_BYTES = 256 * 2**20
 
 #: Bytes of one column slab read back at a time (:func:`column_slabs`).
