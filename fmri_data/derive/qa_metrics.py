@@ -189,8 +189,9 @@ def _unsortable(key: int) -> np.float32:
 
 
 @numba.njit(cache=True, nogil=True)
-def _key(bits):  # pragma: no cover - compiled
-    """Order-preserving key (int64 in ``[0, 2^32)``) of the bits (uint32) of a float32."""
+def order_key(bits):  # pragma: no cover - compiled
+    """Order-preserving key (int64 in ``[0, 2^32)``) of the bits (uint32) of a float32: keys
+    compare as the values do (the sign bit flipped for positives, all bits for negatives)."""
     u = np.int64(bits)
     return (0xFFFFFFFF - u) if u >= 0x80000000 else (u + 0x80000000)
 
@@ -200,7 +201,7 @@ def _high_counts(bits, hist):  # pragma: no cover - compiled
     """``hist[key >> 16] += 1`` for every value of ``bits (R, C)`` (uint32 view of float32)."""
     for i in range(bits.shape[0]):
         for j in range(bits.shape[1]):
-            hist[_key(bits[i, j]) >> 16] += 1
+            hist[order_key(bits[i, j]) >> 16] += 1
 
 
 @numba.njit(cache=True, nogil=True)
@@ -208,7 +209,7 @@ def _low_counts(bits, high0, high1, low):  # pragma: no cover - compiled
     """``low[k, key & 0xFFFF] += 1`` for the values whose ``key >> 16`` is ``high0`` (k=0) or ``high1`` (k=1)."""
     for i in range(bits.shape[0]):
         for j in range(bits.shape[1]):
-            key = _key(bits[i, j])
+            key = order_key(bits[i, j])
             high = key >> 16
             if high == high0:
                 low[0, key & 0xFFFF] += 1
@@ -326,14 +327,7 @@ def _transpose_counting(src, bits, dst, high0, high1, low):  # pragma: no cover 
                 for i in range(i0, i1):
                     dst[j, i] = src[i, j]
             if count:
-                for i in range(i0, i1):
-                    for j in range(j0, j1):
-                        key = _key(bits[i, j])
-                        high = key >> 16
-                        if high == high0:
-                            low[0, key & 0xFFFF] += 1
-                        elif high == high1:
-                            low[1, key & 0xFFFF] += 1
+                _low_counts(bits[i0:i1, j0:j1], high0, high1, low)
 
 
 @numba.njit(cache=True, nogil=True, fastmath={"reassoc"})
@@ -444,12 +438,12 @@ def _column_statistics(st, ss, k25, k75, c_aor, half, never, iqr_to_sd,  # pragm
                 left, right = 0, t_len
                 while left < right:
                     mid = (left + right) // 2
-                    if _key(row_bits[mid]) < start:
+                    if order_key(row_bits[mid]) < start:
                         left = mid + 1
                     else:
                         right = mid
                 for t in range(left, t_len):
-                    key = _key(row_bits[t])
+                    key = order_key(row_bits[t])
                     if key >> 16 != high:
                         break
                     low[which, key & 0xFFFF] += 1
@@ -860,7 +854,7 @@ def _pack_keys(bits, columns, keys, offset):  # pragma: no cover - compiled
             u = np.int64(row[columns[j]])
             if u == 0x80000000:  # -0.0 ties with +0.0
                 u = 0
-            key = (0xFFFFFFFF - u) if u >= 0x80000000 else (u + 0x80000000)
+            key = order_key(u)
             out[offset + j] = (np.uint64(key) << np.uint64(32)) | np.uint64(offset + j)
 
 

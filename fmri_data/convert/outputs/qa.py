@@ -58,6 +58,7 @@ import numpy as np
 from nibabel import orientations
 
 from ...derive import qa_metrics as iqm
+from ...derive.qa_metrics import order_key
 from ...derive.motion import MOTION_COLUMNS
 from ...derive.volume import epi_mask
 from ...discover import RunSpec
@@ -226,12 +227,11 @@ def _gather_frames(rows, bits, lo, hi, width, ras, brain_j, brain_k, total, abs_
             for q in range(q0, q1):
                 j = brain_j[q]
                 v = full_row[j]
-                key = np.int64(row_bits[j])
+                key = order_key(row_bits[j])
                 if not np.isfinite(v):
                     v = np.float32(0.0)
-                    key = 0
+                    key = order_key(0)
                 out[brain_k[q]] = v
-                key = (0xFFFFFFFF - key) if key >= 0x80000000 else (key + 0x80000000)
                 hist[key >> 16] += 1
         for j in range(n):
             r = ras[c0 + j]
