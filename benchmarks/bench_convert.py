@@ -15,18 +15,21 @@ What it prints, each measured in this run:
 2. **fmri-data conversion** (``fmri-data convert ... --scheduler synchronous``, in a child
    process: wall time, peak RSS) with a **phase breakdown**: the functions the converter calls
    (``fmri_data.convert.outputs.volume``: waiting for the next block of decoded source
-   frames (decoding runs in python-isal's background thread, overlapping the other phases;
-   "read+decode" is the time the converter waited for it), finite check, spatial operator
-   build and application, the working series' temporary file ("scratch file"),
-   ``resample_tr``, normalization, ROI operators, the scatter onto the 96^3 grid, Blosc
-   encode, zarr/file writes) are wrapped with timers in that child; a call made inside
-   another timed call counts for the outer one (``resample_tr``'s operator is temporal, not
-   spatial), except inside the containers ``write_series``' per-shard ``block`` callback
-   ("scatter to grid") and the output kinds. "volume output (rest)" is the volume kind's
-   own code between those calls; "other" is outside the output kinds (discovery, the
-   source's SHA-256 for provenance, store set-up). The
-   Blosc encodes that zarr runs in its threads are printed as CPU seconds summed over those
-   threads (they overlap "write", which waits for them). The ratio conversion time / decode
+   frames (decoding runs one block ahead in a background thread, overlapping the other
+   phases; "read+decode" is the time the converter waited for it), finite check, spatial
+   operator build and application, the TR step applied as frames arrive
+   (``TemporalStream.push``; ``resample_tr`` when it takes the column pass), the
+   normalization's statistics, the working series' temporary file ("scratch file"), ROI
+   operators, the per-chunk ``block`` callback of ``write_series`` that normalizes, casts to
+   float16 and scatters onto the 96^3 grid in one kernel ("scatter to grid"), shard files
+   ("write")) are wrapped with timers in that child; a call made inside another timed call
+   counts for the outer one (``resample_tr``'s operator is temporal, not spatial), except
+   inside the containers (the ``block`` callback, ``write_series`` and the output kinds).
+   "volume output (rest)" is the volume kind's own code between those calls; "other" is
+   outside the output kinds (discovery, store set-up; the sources' SHA-256 for provenance
+   runs in a background thread). The Blosc encodes that the writer runs in its threads are
+   printed as CPU seconds summed over those threads (they overlap "write", which waits for
+   them). The ratio conversion time / decode
    floor is the target of issue 16 (<= 2x).
 3. **Codecs** on real chunks: the ``bold`` chunks (20 x 96^3 float16) of the real ds-real
    ``sub-me1`` run converted with the same recipe, and of the synthetic run: compress and
@@ -202,7 +205,7 @@ def instrument() -> Phases:
     from fmri_data.convert.outputs import OUTPUT_KINDS
     from fmri_data.convert.outputs import volume as vol_out
     from fmri_data.read import nifti
-    from fmri_data.resample import operator
+    from fmri_data.resample import operator, temporal
     from fmri_data.store import writer
 
     phases = Phases()
@@ -238,6 +241,7 @@ def instrument() -> Phases:
         phases.wrap(operator.PreparedOperator, name,
                     lambda args: "ROI derivation" if getattr(args[0], "_bench_roi", False) else "spatial resample")
     phases.wrap(vol_out, "resample_tr", "temporal resample")
+    phases.wrap_iter(temporal.TemporalStream, "push", "temporal resample")
     phases.wrap(vol_out, "write_roi", "ROI derivation")
     for name in ("fit", "finish", "apply"):
         phases.wrap(vol_out.VolumeNormalizer, name, "normalize")

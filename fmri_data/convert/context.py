@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import threading
 from collections import OrderedDict
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping
 
@@ -17,8 +18,9 @@ from ..read.common import file_sha256
 from ..config.recipe import Recipe
 from ..store.writer import RunWriter
 
-#: Source frames read per block (bounded by bytes: ~128 MiB of float32 per block).
-BLOCK_BYTES = 128 * 2**20
+#: Source frames read per block (bounded by bytes: ~64 MiB of float32 per block; two blocks are
+#: decoded ahead, and on the 2-core CI machine every GiB of fresh memory costs about 2 s of CPU).
+BLOCK_BYTES = 64 * 2**20
 
 
 def frames_per_block(n_frames: int, values_per_frame: int) -> int:
@@ -89,7 +91,8 @@ class RunInputs:
         writer: the run's staging group.
         origin: local copy -> original URL, for files fetched from remote storage.
         warnings: the run's warnings, in order.
-        sources: the files read, as run attribute ``sources`` entries (see :meth:`add_source`).
+        sources: the files read, as run attribute ``sources`` entries (see :meth:`add_source`;
+            complete once :meth:`finished_sources` returned).
     """
 
     spec: RunSpec
@@ -101,20 +104,36 @@ class RunInputs:
     warnings: list[str] = field(default_factory=list)
     sources: list[dict[str, Any]] = field(default_factory=list)
 
+    _digests: list[tuple[str, Future]] = field(default_factory=list)
+
     def add_source(self, path: str, kind: str, space: str | None, derivative: bool) -> None:
         """Record a file read for this run, with its sha256 (under its original URL when fetched).
 
-        Raises:
-            InputError: the file cannot be read.
+        The SHA-256 is computed in a background thread (:data:`HASHING`; hashlib releases the
+        GIL), overlapping the conversion's set-up; :meth:`finished_sources` waits for it.
         """
         original = self.origin.get(path, path)
         if any(s["path"] == original for s in self.sources):
             return
-        try:
-            digest = file_sha256(path)
-        except OSError as exc:
-            raise InputError(original, f"cannot read ({exc})") from exc
-        self.sources.append({"path": original, "kind": kind, "space": space, "derivative": derivative, "sha256": digest})
+        self.sources.append({"path": original, "kind": kind, "space": space, "derivative": derivative, "sha256": None})
+        self._digests.append((original, HASHING.submit(file_sha256, path)))
+
+    def finished_sources(self) -> list[dict[str, Any]]:
+        """:attr:`sources` with every SHA-256 filled in.
+
+        Raises:
+            InputError: a source file could not be read (names it).
+        """
+        for entry, (original, digest) in zip(self.sources, self._digests):
+            try:
+                entry["sha256"] = digest.result()
+            except OSError as exc:
+                raise InputError(original, f"cannot read ({exc})") from exc
+        return self.sources
+
+
+#: Threads that hash source files for provenance (:meth:`RunInputs.add_source`).
+HASHING = ThreadPoolExecutor(2, thread_name_prefix="fmri-data-sha256")
 
 
 def resample_device(recipe: Recipe) -> str:

@@ -88,7 +88,7 @@ def _build(run: RunInputs) -> dict[str, Any] | None:
     attrs.update(
         run_id=spec.run_id,
         entities=spec.entities,
-        sources=run.sources,
+        sources=run.finished_sources(),
         participant=spec.participant,
         metadata=spec.metadata,
         recipe_hash=run.recipe_hash,

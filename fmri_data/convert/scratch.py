@@ -1,11 +1,11 @@
 """A run's ``(T, N)`` float32 working series, in memory or in an unnamed temporary file.
 
 A conversion holds a few whole-run series between its passes (the brain voxels after
-spatial resampling, then after temporal resampling; QA's brain voxels). At HCP size
-(1,200 frames x ~230,000 brain voxels) each is about 1 GiB, and it grows with the run; so
-a :class:`Series` holds its first frames in memory up to a budget (by default the whole
-series up to :data:`SPILL_BYTES`, else none; QA keeps up to 512 MiB) and the rest in an
-unnamed temporary file (deleted when closed or collected; never under the store), read
+spatial and temporal resampling, until the normalization is known; QA's brain voxels). At
+HCP size (1,200 frames x ~230,000 brain voxels) each is about 1 GiB, and it grows with the
+run; so a :class:`Series` holds its first frames in memory up to a budget (by default the
+whole series up to :data:`SPILL_BYTES`, else none; QA keeps up to 512 MiB) and the rest in
+an unnamed temporary file (deleted when closed or collected; never under the store), read
 back in bounded pieces: frame blocks (rows) or column slabs (voxels, for per-voxel temporal
 work). File reads and writes are ``pread``/``pwrite`` of contiguous row pieces, not
 ``mmap``: the page cache holds the data, the process's resident memory holds one piece.
@@ -22,8 +22,11 @@ import tempfile
 import numpy as np
 
 from ..errors import FmriDataError
+from ..read.common import IO_BYTES
 
-#: By default, series larger than this (bytes) are kept in a temporary file, not in memory.
+#: By default, series larger than this (bytes) are kept in a temporary file, not in memory
+#: (holding more would not save time: first-touching fresh memory costs about as much CPU
+#: time as writing the page cache, 2 s per GiB on the 2-core CI machine).
 SPILL_BYTES = 256 * 2**20
 
 #: Bytes of one column slab read back at a time (:func:`column_slabs`).
@@ -131,7 +134,7 @@ class Series:
         view = memoryview(np.ascontiguousarray(data, dtype=np.float32)).cast("B")
         try:
             while view.nbytes:
-                written = os.pwrite(self._file.fileno(), view, offset)
+                written = os.pwrite(self._file.fileno(), view[:IO_BYTES], offset)
                 view, offset = view[written:], offset + written
         except OSError as exc:
             raise scratch_error(self.directory, exc) from exc
@@ -139,7 +142,7 @@ class Series:
     def _pread(self, out: np.ndarray, offset: int) -> None:
         view = memoryview(out).cast("B")
         while view.nbytes:
-            got = os.preadv(self._file.fileno(), [view], offset)
+            got = os.preadv(self._file.fileno(), [view[:IO_BYTES]], offset)
             if got <= 0:
                 raise ScratchError(f"temporary file in {self.directory} ended early at byte {offset}")
             view, offset = view[got:], offset + got

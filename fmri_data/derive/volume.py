@@ -113,32 +113,98 @@ def normalize(x: np.ndarray, kind: str) -> tuple[np.ndarray, dict[str, Any], dic
     return y, {"kind": kind}, {"center": center.astype(np.float32), "scale": scale.astype(np.float32)}
 
 
+@numba.njit(parallel=True, cache=True, nogil=True)
+def _row_moments(values, elementwise, zero_negatives, count, mean, m2, low):  # pragma: no cover - compiled
+    """Per row ``t`` of ``values (T, n)`` float32, the brain elements after NeuroSTORM's
+    background / negatives rules (see :class:`VolumeNormalizer`): ``count[t]``, float64
+    ``mean[t]``, sum of squared deviations from it ``m2[t]`` (two passes over the row) and
+    minimum ``low[t]`` (+inf when the row has no element). Rows are split over threads."""
+    n_rows, n = values.shape
+    for t in numba.prange(n_rows):
+        row = values[t]
+        c, total, smallest = 0, 0.0, np.inf
+        for j in range(n):
+            v = row[j]
+            if elementwise and v == 0:
+                continue
+            if zero_negatives and v < 0:
+                v = np.float32(0)
+            c += 1
+            total += v
+            smallest = min(smallest, v)
+        mu = total / c if c else 0.0
+        squares = 0.0
+        if c:
+            for j in range(n):
+                v = row[j]
+                if elementwise and v == 0:
+                    continue
+                if zero_negatives and v < 0:
+                    v = np.float32(0)
+                squares += (v - mu) * (v - mu)
+        count[t], mean[t], m2[t], low[t] = c, mu, squares, smallest
+
+
 @numba.njit(cache=True, nogil=True)
-def _moments(values, elementwise, zero_negatives):  # pragma: no cover - compiled
-    """``(count, mean, m2, low)`` of the brain elements of ``values (T, n)`` float32 after
-    NeuroSTORM's background / negatives rules (see :class:`VolumeNormalizer`): count, float64
-    mean, sum of squared deviations from it (two passes) and the minimum; ``low`` is +inf
-    when there is no element."""
-    count, total, low = 0, 0.0, np.inf
-    for v in values.ravel():
-        if elementwise and v == 0:
+def _combine(count, mean, m2, low, n, mu, squares, smallest):  # pragma: no cover - compiled
+    """Chan, Golub & LeVeque (1979): ``(n, mu, squares, smallest)`` combined, in order, with
+    each part ``(count[t], mean[t], m2[t], low[t])``."""
+    for t in range(count.size):
+        c = count[t]
+        if c == 0:
             continue
-        if zero_negatives and v < 0:
-            v = np.float32(0)
-        count += 1
-        total += v
-        low = min(low, v)
-    if count == 0:
-        return 0, 0.0, 0.0, np.inf
-    mean = total / count
-    m2 = 0.0
-    for v in values.ravel():
-        if elementwise and v == 0:
-            continue
-        if zero_negatives and v < 0:
-            v = np.float32(0)
-        m2 += (v - mean) * (v - mean)
-    return count, mean, m2, low
+        total = n + c
+        delta = mean[t] - mu
+        mu += delta * c / total
+        squares += m2[t] + delta * delta * n * c / total
+        n = total
+        smallest = min(smallest, low[t])
+    return n, mu, squares, smallest
+
+
+@numba.njit(cache=True, nogil=True, inline="always")
+def _half_bits(bits):  # pragma: no cover - compiled (numba has no float16 on the CPU)
+    """IEEE 754 binary16 bits of the float32 whose bits are ``bits`` (uint32), rounded to
+    nearest, ties to even (as ``numpy.float32.astype(numpy.float16)``): overflow gives inf,
+    values below half the smallest subnormal give a signed zero, NaN stays NaN (same bits)."""
+    sign = (bits >> 16) & 0x8000
+    exponent = (bits >> 23) & 0xFF
+    mantissa = bits & 0x7FFFFF
+    if exponent == 0xFF:  # inf; NaN keeps its top payload bits and stays NaN, as numpy does
+        return sign | 0x7C00 | (max(mantissa >> 13, 1) if mantissa else 0)
+    e = np.int64(exponent) - 112  # the binary16 exponent field
+    if e >= 31:
+        return sign | 0x7C00
+    if e <= 0:  # subnormal binary16 (or zero)
+        if e < -10:
+            return sign
+        full = mantissa | 0x800000
+        shift = 14 - e
+        half = full >> shift
+        rest = full & ((1 << shift) - 1)
+        middle = 1 << (shift - 1)
+        if rest > middle or (rest == middle and half & 1):
+            half += 1
+        return sign | half
+    half = (e << 10) | (mantissa >> 13)
+    rest = mantissa & 0x1FFF
+    if rest > 0x1000 or (rest == 0x1000 and half & 1):
+        half += 1  # a carry into the exponent is right (up to inf)
+    return sign | half
+
+
+def float16_bits(values: np.ndarray) -> np.ndarray:
+    """``values.astype(float16).view(uint16)`` computed by the kernel the fused volume
+    writer uses (:meth:`VolumeNormalizer.apply_scattered`); float32 in, uint16 out."""
+    return _half_array(np.ascontiguousarray(values, dtype=np.float32).reshape(-1).view(np.uint32)).reshape(np.shape(values))
+
+
+@numba.njit(cache=True, nogil=True)
+def _half_array(bits):  # pragma: no cover - compiled
+    out = np.empty(bits.size, np.uint16)
+    for i in range(bits.size):
+        out[i] = _half_bits(bits[i])
+    return out
 
 
 @numba.njit(parallel=True, cache=True, nogil=True)
@@ -162,35 +228,38 @@ def _normalize_into(rows, center, scale, elementwise, zero_negatives, background
 
 
 @numba.njit(parallel=True, cache=True, nogil=True)
-def _scatter_rows(values, position, out):  # pragma: no cover - compiled
-    """``out[t, position[n]] = values[t, n]``; frames split over threads."""
-    for t in numba.prange(values.shape[0]):
+def _normalize_scatter(rows, center, scale, elementwise, zero_negatives, background, position, half, out):  # pragma: no cover
+    """:func:`_normalize_into` and the scatter of frames onto the whole grid in one pass: the
+    normalized float32 of ``rows[t, n]`` goes to ``out[t, position[n]]`` as its bits (``out`` uint32 = float32)
+    or, with ``half``, as float16 bits (``out`` uint16, :func:`_half_bits`)."""
+    n_frames, n = rows.shape
+    per_column = center.size > 1
+    for t in numba.prange(n_frames):
+        z = np.empty(n, np.float32)
+        for j in range(n):
+            v = rows[t, j]
+            if elementwise and v == 0:
+                z[j] = background
+                continue
+            if zero_negatives and v < 0:
+                v = np.float32(0)
+            k = j if per_column else 0
+            z[j] = (np.float64(v) - center[k]) / scale[k]
+        bits = z.view(np.uint32)
         target = out[t]
-        row = values[t]
-        for j in range(row.size):
-            target[position[j]] = row[j]
-
-
-def scatter_columns(values: np.ndarray, position: np.ndarray, out: np.ndarray) -> np.ndarray:
-    """Place brain columns into whole frames: ``out[:, position] = values`` (bit for bit).
-
-    Args:
-        values: ``(t, N)``, any 2-, 4- or 8-byte dtype (float16 stored BOLD included).
-        position: ``(N,)`` int, distinct columns of ``out``.
-        out: ``(t, V)`` of ``values``' dtype, C-contiguous; other columns are left as they are.
-
-    Returns:
-        ``out``.
-    """
-    values = np.ascontiguousarray(values, dtype=out.dtype)
-    bits = np.dtype(f"u{out.dtype.itemsize}")
-    run_numba_parallel(_scatter_rows, values.view(bits), np.asarray(position, dtype=np.int64), out.view(bits))
-    return out
+        if half:
+            for j in range(n):
+                target[position[j]] = _half_bits(bits[j])
+        else:
+            for j in range(n):
+                target[position[j]] = bits[j]
 
 
 class VolumeNormalizer:
-    """A volume series' normalization, fitted from column slabs and applied to frame blocks,
-    so that a run of any length is normalized holding one slab or block at a time.
+    """A volume series' normalization, fitted from column slabs (or, for the kinds with one
+    center and scale, :attr:`fits_frames`, from frame blocks as they are resampled) and
+    applied to frame blocks, so that a run of any length is normalized holding one slab or
+    block at a time.
 
     Kinds (see the module): ``global_zscore`` in NeuroSTORM's order of operations
     (CUHK-AIM-Group/NeuroSTORM @ a8dc38f6, ``datasets/preprocessing_volume.py``):
@@ -209,12 +278,13 @@ class VolumeNormalizer:
     (:func:`normalize`), ``none`` the values as they are; their background value follows
     the same rule over the normalized values.
 
-    Statistics: per-slab count, mean and sum of squared deviations (float64) combined
-    exactly (Chan, Golub & LeVeque 1979), so the result does not depend on the slabbing
-    beyond float64 rounding.
+    Statistics: per-row count, mean and sum of squared deviations (float64, rows of a slab
+    or block in parallel) combined exactly (Chan, Golub & LeVeque 1979), so the result does
+    not depend on the slabbing beyond float64 rounding.
 
-    Use: :meth:`fit` every column slab once (any order), then :meth:`finish`, then
-    :meth:`apply` frame blocks.
+    Use: :meth:`fit` every column slab once (any order; or every frame block once, when
+    :attr:`fits_frames`), then :meth:`finish`, then :meth:`apply` (or
+    :meth:`apply_scattered`) frame blocks.
 
     Raises:
         SettingError: unknown ``kind``, ``negatives`` or ``background``, ``ddof`` not 0 or 1,
@@ -243,6 +313,12 @@ class VolumeNormalizer:
         self.std = 1.0
         self.background = 0.0
 
+    @property
+    def fits_frames(self) -> bool:
+        """Whether :meth:`fit` also takes frame blocks ``(t, N)`` (the kinds whose statistics
+        pool every element: ``global_zscore``, ``none``), not only whole-run column slabs."""
+        return self.center is None
+
     def _prepared(self, values: np.ndarray) -> np.ndarray:
         """Values after the negatives rule (the per-column and ``none`` kinds)."""
         if self.negatives == "zero":
@@ -250,17 +326,15 @@ class VolumeNormalizer:
         return np.asarray(values, dtype=np.float32)
 
     def fit(self, start: int, slab: np.ndarray) -> None:
-        """Columns ``[start, start + slab.shape[1])`` of the whole run, ``slab (T, n)`` float32."""
+        """Columns ``[start, start + slab.shape[1])`` of the whole run, ``slab (T, n)`` float32;
+        with :attr:`fits_frames`, also any frames of the run ``(t, N)`` (``start`` 0)."""
         if self.kind == "global_zscore":
             values = np.ascontiguousarray(slab, dtype=np.float32)
-            n, mean, m2, low = _moments(values, self.elementwise, self.negatives == "zero")
-            if n:
-                total = self.count + n
-                delta = mean - self.mean
-                self.mean += delta * n / total
-                self.m2 += m2 + delta * delta * self.count * n / total
-                self.count = total
-                self.low = min(self.low, float(low))
+            rows = values.shape[0]
+            count, mean, m2, low = np.empty(rows, np.int64), np.empty(rows), np.empty(rows), np.empty(rows)
+            run_numba_parallel(_row_moments, values, self.elementwise, self.negatives == "zero", count, mean, m2, low)
+            n, mu, squares, smallest = _combine(count, mean, m2, low, self.count, self.mean, self.m2, self.low)
+            self.count, self.mean, self.m2, self.low = int(n), float(mu), float(squares), float(smallest)
             return
         values = self._prepared(slab)
         if self.center is not None:
@@ -299,15 +373,40 @@ class VolumeNormalizer:
         background elements set to :attr:`background`."""
         rows = np.ascontiguousarray(rows, dtype=np.float32)
         out = np.empty(rows.shape, dtype=np.float32)
+        run_numba_parallel(_normalize_into, rows, *self._params(), out)
+        return out
+
+    def apply_scattered(self, rows: np.ndarray, position: np.ndarray, out: np.ndarray) -> np.ndarray:
+        """:meth:`apply`, cast to ``out``'s dtype and placed at ``position`` in one pass:
+        ``out[:, position] = apply(rows).astype(out.dtype)``, bit for bit (float16 rounded
+        to nearest even, as numpy casts).
+
+        Args:
+            rows: ``(t, N)`` float32 frames as resampled.
+            position: ``(N,)`` int64, distinct columns of ``out``.
+            out: ``(t, V)`` float16 or float32, C-contiguous (whole frames; other columns
+                are left as they are).
+
+        Returns:
+            ``out``.
+        """
+        rows = np.ascontiguousarray(rows, dtype=np.float32)
+        half = out.dtype == np.float16
+        if not half and out.dtype != np.float32 or not out.flags.c_contiguous or out.shape[0] != rows.shape[0]:
+            raise SettingError(f"apply_scattered writes C-contiguous float16/float32 frames, got {out.dtype} {out.shape}")
+        bits = out.view(np.uint16 if half else np.uint32)
+        run_numba_parallel(_normalize_scatter, rows, *self._params(), np.asarray(position, dtype=np.int64), half, bits)
+        return out
+
+    def _params(self) -> tuple:
+        """``(center, scale, elementwise, zero_negatives, background)`` for the kernels."""
         if self.kind == "global_zscore":
             center, scale = np.array([self.mean]), np.array([self.std])
         elif self.center is not None:
             center, scale = self.center, self.scale
         else:
             center, scale = np.zeros(1), np.ones(1)
-        run_numba_parallel(_normalize_into, rows, center, scale, self.elementwise, self.negatives == "zero",
-                     np.float32(self.background), out)
-        return out
+        return center, scale, self.elementwise, self.negatives == "zero", np.float32(self.background)
 
 
 def footprint_mask(

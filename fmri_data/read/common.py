@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import gzip
 import math
+import queue
 import struct
+import threading
 import zlib
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -48,6 +51,12 @@ READ_ERRORS = (
 #: Largest plausible image: 512^3 voxels per frame, a million frames.
 MAX_VOXELS_PER_FRAME = 512**3
 MAX_FRAMES = 1_000_000
+#: Bytes per read or write call of a large transfer (decoding in :func:`read_ahead`, a
+#: conversion's temporary file, store files): a decoder asked for 100 MiB at once decodes
+#: into a fresh buffer of that size and copies it (python-isal: 1.7x the time), and one
+#: 30 MiB ``write`` into a new file costs ext4 several times the kernel time of the same
+#: bytes in 4 MiB calls (measured on the 2-core CI machine).
+IO_BYTES = 4 * 2**20
 
 
 def gzip_decoder() -> str:
@@ -79,30 +88,97 @@ def open_gzip(path: str | Path) -> Any:
 
 def open_frames(path: str | Path, offset: int) -> Any:
     """A sequential binary read stream of an image file positioned at byte ``offset`` of its
-    (decoded) contents: ``.gz`` through python-isal's ``igzip_threaded`` (decoding in a
-    background thread that escapes the GIL; :func:`open_gzip` without python-isal), else
-    the plain file.
+    (decoded) contents: ``.gz`` through :func:`open_gzip` (python-isal's igzip when
+    installed), else the plain file. :func:`read_ahead` runs it in a background thread.
 
     Raises:
         OSError and the decoders' errors (:data:`READ_ERRORS`); the caller names the file.
     """
     if str(path).endswith(".gz"):
-        if _isal_igzip is not None:
-            from isal import igzip_threaded
-
-            stream = igzip_threaded.open(str(path), "rb", threads=1)
-        else:
-            stream = open_gzip(path)
+        stream = open_gzip(path)
         remaining = int(offset)
         while remaining:
             skipped = len(stream.read(min(remaining, 1 << 20)))
             if not skipped:
+                stream.close()
                 raise EOFError(f"ends before its data offset {offset}")
             remaining -= skipped
         return stream
     stream = open(path, "rb")  # noqa: SIM115 - returned to the caller
     stream.seek(int(offset))
     return stream
+
+
+def read_ahead(open_stream: Callable[[], Any], buffers: list[np.ndarray], sizes: list[int]) -> Iterator[np.ndarray]:
+    """Read consecutive pieces of a stream, each into the next of ``buffers`` in turn, in a
+    background thread that stays one piece ahead of the caller (with two buffers: it fills
+    one while the caller works on the other).
+
+    Decoding (python-isal's inflate, file reads) releases the GIL, so on two or more cores
+    decoding the next block of frames costs the caller no time beyond the wait for the
+    first. (python-isal's own ``igzip_threaded`` reader queues only 2 MiB ahead, which a
+    caller working on 100 MiB blocks never uses: decoding then stalled the caller.)
+
+    Args:
+        open_stream: called in the background thread; returns a binary stream (a context
+            manager with ``readinto``), e.g. ``lambda: open_frames(path, offset)``.
+        buffers: C-contiguous arrays, each at least as many bytes as the largest piece.
+        sizes: bytes of each piece, in stream order.
+
+    Yields:
+        For each piece, the first ``sizes[i]`` bytes of its buffer as a flat ``uint8``
+        array: valid until the caller asks for the piece after next (with two buffers: until
+        the next step of the iteration, when that buffer is refilled).
+
+    Raises:
+        EOFError: the stream ends before the pieces (attribute ``bytes_read``);
+            and whatever ``open_stream`` or the stream raise, re-raised in the caller. Closing
+            the iteration early stops the thread and closes the stream.
+    """
+    free: queue.Queue = queue.Queue()
+    filled: queue.Queue = queue.Queue()
+    stop = threading.Event()
+    for i in range(len(buffers)):
+        free.put(i)
+
+    def fill() -> None:
+        total = 0
+        try:
+            with open_stream() as stream:
+                for n in sizes:
+                    i = None
+                    while i is None:
+                        if stop.is_set():
+                            return
+                        try:
+                            i = free.get(timeout=0.05)
+                        except queue.Empty:
+                            pass
+                    view, got = memoryview(buffers[i]).cast("B")[:n], 0
+                    while got < n:
+                        k = stream.readinto(view[got:got + IO_BYTES])
+                        if not k:
+                            ended = EOFError(f"ends after {total + got} bytes")
+                            ended.bytes_read = total + got
+                            raise ended
+                        got += k
+                    total += n
+                    filled.put((i, None))
+        except BaseException as exc:  # noqa: BLE001 - handed to the caller
+            filled.put((None, exc))
+
+    worker = threading.Thread(target=fill, name="fmri-data-read-ahead", daemon=True)
+    worker.start()
+    try:
+        for n in sizes:
+            i, exc = filled.get()
+            if exc is not None:
+                raise exc
+            yield buffers[i].reshape(-1).view(np.uint8)[:n]
+            free.put(i)
+    finally:
+        stop.set()
+        worker.join()
 
 
 def load_image(path: str | Path) -> Any:

@@ -20,7 +20,7 @@ import numpy as np
 from nibabel import orientations
 
 from ..errors import InputError
-from .common import READ_ERRORS, TIME_UNITS, check_size, load_image, open_frames
+from .common import READ_ERRORS, TIME_UNITS, check_size, load_image, open_frames, read_ahead
 
 
 def _ras_orientation(affine: np.ndarray) -> np.ndarray:
@@ -117,11 +117,12 @@ class VolumeSeries:
         as :meth:`frame_order` maps them; :meth:`ras_view` gives the RAS+ block).
 
         A NIfTI data block is streamed from its bytes in one sequential pass (``.nii.gz``
-        decoded by python-isal's ``igzip_threaded`` in a background thread, so decoding
-        overlaps the caller's work), scaled as nibabel scales (float64 ``x * slope + inter``
-        when the header sets them, then float32): the values equal ``read()``'s. Other
-        images go through :meth:`read`. The rows live in one buffer reused for every block:
-        valid until the next step of the iteration (copy what must outlive it).
+        decoded by python-isal's igzip), one block ahead of the caller in a background
+        thread (:func:`~fmri_data.read.common.read_ahead`: decoding overlaps the caller's
+        work), scaled as nibabel scales (float64 ``x * slope + inter`` when the header sets
+        them, then float32): the values equal ``read()``'s. Other images go through
+        :meth:`read`. The rows live in two buffers used in turn: valid until the next step
+        of the iteration (copy what must outlive it).
 
         Raises:
             InputError: truncated or corrupt data (names the file).
@@ -135,33 +136,32 @@ class VolumeSeries:
         n_voxels = int(np.prod(self._img.shape[:3]))
         slope, inter = float(proxy.slope), float(proxy.inter)
         scaled = not (slope == 1.0 and inter == 0.0)
-        # one buffer for the whole pass (a fresh one per block costs the kernel its pages again)
-        raw_buffer = np.empty((min(frames_per_block, self.n_frames), n_voxels), dtype=dtype)
         as_is = dtype == np.float32 and dtype.isnative and not scaled
-        converted = None if as_is else np.empty(raw_buffer.shape, np.float32)
+        frame_bytes = n_voxels * dtype.itemsize
+        block = min(frames_per_block, self.n_frames)
+        # two buffers for the whole pass, filled in turn (a fresh one per block costs the
+        # kernel its pages again)
+        buffers = [np.empty((block, n_voxels), dtype=dtype) for _ in range(2)]
+        converted = None if as_is else np.empty((block, n_voxels), np.float32)
+        starts = range(0, self.n_frames, frames_per_block)
+        sizes = [(min(start + frames_per_block, self.n_frames) - start) * frame_bytes for start in starts]
+        path, offset = self.path, proxy.offset
         try:
-            stream = open_frames(self.path, proxy.offset)
-            with stream:
-                for start in range(0, self.n_frames, frames_per_block):
-                    stop = min(start + frames_per_block, self.n_frames)
-                    raw = raw_buffer[:stop - start]
-                    view, got = memoryview(raw).cast("B"), 0
-                    while got < view.nbytes:
-                        n = stream.readinto(view[got:])
-                        if not n:
-                            frame = start + got // (n_voxels * dtype.itemsize)
-                            raise EOFError(f"data ends at frame {frame} of {self.n_frames}")
-                        got += n
-                    if converted is None:
-                        yield start, stop, raw
-                        continue
-                    rows = converted[:stop - start]
-                    if scaled:
-                        rows[...] = raw.astype(np.float64) * slope + inter
-                    else:
-                        rows[...] = raw
-                    yield start, stop, rows
+            for start, piece in zip(starts, read_ahead(lambda: open_frames(path, offset), buffers, sizes)):
+                stop = min(start + frames_per_block, self.n_frames)
+                raw = piece.view(dtype).reshape(stop - start, n_voxels)
+                if converted is None:
+                    yield start, stop, raw
+                    continue
+                rows = converted[:stop - start]
+                if scaled:
+                    rows[...] = raw.astype(np.float64) * slope + inter
+                else:
+                    rows[...] = raw
+                yield start, stop, rows
         except READ_ERRORS as exc:
+            if getattr(exc, "bytes_read", None) is not None:
+                exc = EOFError(f"data ends at frame {exc.bytes_read // frame_bytes} of {self.n_frames}")
             raise InputError(self.path, f"truncated or corrupt image data ({type(exc).__name__}: {exc})") from exc
 
 

@@ -32,11 +32,18 @@ import threading
 import warnings
 from collections.abc import Callable
 
-import numba
-import numpy as np
-import scipy.sparse as sp
+# numba's OpenMP threading layer (GNU libgomp, read when numba loads it on the first parallel
+# kernel): idle worker threads sleep instead of spinning between kernels, unless the user
+# chose otherwise. A conversion runs a kernel per block of frames while a decoding thread
+# and the shard encoders need the same cores; spinning took about 1 CPU second from them
+# on an HCP-sized run on 2 cores (benchmarks/bench_convert.py).
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-from ..errors import SettingError
+import numba  # noqa: E402
+import numpy as np  # noqa: E402
+import scipy.sparse as sp  # noqa: E402
+
+from ..errors import SettingError  # noqa: E402
 
 METHODS = ("auto", "numba", "torch", "sparse", "reference")
 DEVICES = ("auto", "cpu", "cuda")
@@ -324,6 +331,31 @@ class PreparedOperator:
             result = np.empty(out.shape, dtype=np.float32)
             _run_kernel(self._indptr, self._indices, self._data, x, result, _csr_times_rows)
             out[...] = result
+        return out
+
+    def apply_band(self, rows: tuple[int, int], x: np.ndarray, first_input: int, out: np.ndarray) -> np.ndarray:
+        """Operator rows ``[r0, r1)`` applied to a window of its inputs: ``x (n, C)`` holds
+        inputs ``[first_input, first_input + n)``, which must cover every non-zero of those
+        rows; writes ``(r1 - r0, C)`` into ``out``. The numba kernel of :meth:`__call__`,
+        value for value (:func:`_csr_times_dense`): how a banded operator (TR resampling)
+        is applied to frames as they stream in (:class:`~fmri_data.resample.temporal.TemporalStream`).
+
+        Raises:
+            SettingError: the backend is not numba, ``x``/``out`` are not C-contiguous
+                float32 of matching shapes, or the window misses an input of those rows.
+        """
+        r0, r1 = rows
+        if self.backend != "numba":
+            raise SettingError(f"apply_band runs on the numba backend, not {self.backend}")
+        if not (x.dtype == out.dtype == self.dtype == np.float32 and x.flags.c_contiguous and out.flags.c_contiguous
+                and out.shape == (r1 - r0, x.shape[1])):
+            raise SettingError(f"apply_band needs C-contiguous float32 x (n, C) and out ({r1 - r0}, C), "
+                               f"got {x.dtype} {x.shape} and {out.dtype} {out.shape}")
+        lo, hi = self._indptr[r0], self._indptr[r1]
+        indices = self._indices[lo:hi] - first_input
+        if indices.size and (indices.min() < 0 or indices.max() >= x.shape[0]):
+            raise SettingError(f"rows [{r0}, {r1}) need inputs outside [{first_input}, {first_input + x.shape[0]})")
+        _run_kernel(self._indptr[r0:r1 + 1] - lo, indices, self._data[lo:hi], x, out)
         return out
 
     def _torch_apply(self, x: np.ndarray) -> np.ndarray:

@@ -46,6 +46,12 @@ weights decay by ~0.27 per frame), and applies it to all voxels with the shared 
 kernel of :mod:`fmri_data.resample.operator` (numba on CPU, torch on CUDA). PCHIP's
 slopes depend on the data, so ``pchip`` always runs the scipy reference, in blocks of
 columns.
+
+That matrix is banded: output frame ``j`` reads a few neighbouring source frames (2 for
+``linear``, about 20 for the cubic spline, the filter's length with anti-aliasing), so
+:class:`TemporalStream` applies it to frames as they are decoded, in time order, holding
+only the frames the band still needs: a conversion then never transposes a run to
+per-voxel series.
 """
 
 from __future__ import annotations
@@ -55,7 +61,7 @@ import math
 
 import numpy as np
 import scipy.sparse as sp
-from scipy import interpolate, signal
+from scipy import interpolate
 
 from ..errors import SettingError
 from .operator import PreparedOperator
@@ -66,6 +72,8 @@ KINDS = ("linear", "cubic", "pchip")
 ANTIALIAS = (True, False, "cheby1")
 #: Columns per block of the ``pchip`` path (bounds its float64 working memory).
 PCHIP_BLOCK = 8192
+#: Source frames a :class:`TemporalStream` may hold besides one block (a wider band: not streamed).
+MAX_CARRY_FRAMES = 256
 
 
 def n_output_frames(n_frames: int, tr_in: float, tr_out: float, grid: str = "exact") -> int:
@@ -114,6 +122,8 @@ def antialias_filter(tr_in: float, tr_out: float) -> np.ndarray | None:
     if ratio <= 1.0 + 1e-9:
         return None
     half = 10 * int(math.ceil(ratio))
+    from scipy import signal  # imported when used: 0.4 s of every conversion's start-up otherwise
+
     taps = signal.firwin(2 * half + 1, 1.0 / ratio, window=("kaiser", 5.0))
     return taps / taps.sum()
 
@@ -122,6 +132,8 @@ def lowpass(x: np.ndarray, taps: np.ndarray) -> np.ndarray:
     """Zero-phase FIR filtering along axis 0 with odd-reflection padding; same shape as ``x``."""
     half = (len(taps) - 1) // 2
     padded = np.pad(x, [(half, half)] + [(0, 0)] * (x.ndim - 1), mode="reflect", reflect_type="odd")
+    from scipy import signal
+
     return signal.oaconvolve(padded, taps.reshape((-1,) + (1,) * (x.ndim - 1)), mode="valid", axes=0)
 
 
@@ -232,6 +244,8 @@ def _reference(series: np.ndarray, tr_in: float, tr_out: float, kind: str, antia
     if antialias == "cheby1":
         q = tr_out / tr_in
         if q > 1.0 + 1e-9:
+            from scipy import signal
+
             sos = signal.cheby1(8, 0.05, 0.8 / q, output="sos")
             series = signal.sosfiltfilt(sos, series, axis=0, padtype="even")
     elif antialias:
@@ -246,3 +260,104 @@ def _reference(series: np.ndarray, tr_in: float, tr_out: float, kind: str, antia
     if kind == "cubic":
         return interpolate.CubicSpline(t_in, series, axis=0, bc_type="not-a-knot")(t_out)
     return interpolate.PchipInterpolator(t_in, series, axis=0, extrapolate=True)(t_out)
+
+
+class TemporalStream:
+    """:func:`resample_tr` (numba backend) applied to a ``(T, N)`` series that arrives in
+    time order, a block of frames at a time, holding only the source frames that output
+    frames still to come read (the operator's band), never the whole series.
+
+    Each output frame equals ``resample_tr(x, ...)``'s bit for bit: the same float32
+    operator and kernel (:meth:`~fmri_data.resample.operator.PreparedOperator.apply_band`),
+    on a window of frames instead of all of them. Equal TRs pass frames through unchanged.
+
+    Use: write the next ``n`` source frames into :meth:`inputs` ``(n)``, then iterate
+    :meth:`push` ``(n)`` for the output frames that became complete, as ``(first frame,
+    (k, N) float32)`` (a buffer reused by the next step: copy what must outlive it). Blocks
+    must be ``block_frames`` frames, the last one possibly shorter.
+
+    Args:
+        n_frames: T, source frames; tr_in, tr_out: seconds; kind, antialias, grid: as
+            :func:`resample_tr`.
+        n_columns: N, series per frame (voxels).
+        block_frames: frames per block pushed.
+
+    Raises:
+        SettingError: ``kind="pchip"`` (not linear) or a setting :func:`resample_tr` refuses.
+    """
+
+    def __init__(self, n_frames: int, tr_in: float, tr_out: float, kind: str, antialias: bool | str, grid: str,
+                 n_columns: int, block_frames: int):
+        _check(np.zeros(n_frames), tr_in, tr_out, kind, antialias, grid)
+        self.n_frames, self.block_frames = int(n_frames), max(1, int(block_frames))
+        self._base = self._count = self._next = 0  # window = source frames [base, base + count)
+        if math.isclose(tr_in, tr_out, rel_tol=1e-9):
+            self._op, self.n_output = None, self.n_frames
+            capacity = self.block_frames
+        else:
+            matrix = temporal_operator(self.n_frames, float(tr_in), float(tr_out), kind, antialias, grid)
+            self._op, self.n_output = PreparedOperator(matrix, "numba", "cpu"), matrix.shape[0]
+            self._ready, self._needed = _band(matrix)
+            capacity = self.block_frames + self.carry
+            self._out = np.empty((self.block_frames, int(n_columns)), dtype=np.float32)
+        self._window = np.empty((min(capacity, self.n_frames), int(n_columns)), dtype=np.float32)
+
+    @functools.cached_property
+    def carry(self) -> int:
+        """Most source frames held from one block to the next (0 with equal TRs); the window
+        holds ``block_frames + carry`` frames (allocated, not touched, until used)."""
+        if self._op is None:
+            return 0
+        carry = 0
+        for start in range(0, self.n_frames, self.block_frames):
+            have = min(start + self.block_frames, self.n_frames)
+            next_row = int(np.searchsorted(self._ready, have - 1, side="right"))
+            carry = max(carry, have - min(int(self._needed[next_row]), have))
+        return carry
+
+    def inputs(self, n: int) -> np.ndarray:
+        """``(n, N)`` float32 view where the caller writes the next ``n`` source frames."""
+        if self._count + n > self._window.shape[0]:
+            raise SettingError(f"a block of {n} frames does not fit the stream's window ({self._window.shape[0]} frames, "
+                               f"{self._count} held): blocks must be at most {self.block_frames} frames")
+        return self._window[self._count:self._count + n]
+
+    def push(self, n: int):
+        """After ``n`` frames were written into :meth:`inputs`: yield ``(j, rows)``, output
+        frames ``[j, j + len(rows))`` as ``(k, N)`` float32, every one now complete."""
+        self._count += n
+        have = self._base + self._count
+        if self._op is None:
+            self._count = 0
+            self._base = have
+            yield have - n, self._window[:n]
+            return
+        stop = int(np.searchsorted(self._ready, have - 1, side="right"))
+        held = self._window[:self._count]
+        for j in range(self._next, stop, self._out.shape[0]):
+            k = min(j + self._out.shape[0], stop)
+            yield j, self._op.apply_band((j, k), held, self._base, self._out[:k - j])
+        self._next = stop
+        base = min(int(self._needed[stop]), have)
+        drop = base - self._base
+        if drop > 0:
+            kept = self._count - drop
+            self._window[:kept] = self._window[drop:self._count]  # numpy copies overlapping ranges safely
+            self._base, self._count = base, kept
+
+
+def _band(matrix: sp.csr_matrix) -> tuple[np.ndarray, np.ndarray]:
+    """For a ``(T_out, T)`` CSR operator with sorted indices: ``ready (T_out,)``, the last
+    source frame read by output frames ``0..j`` (output frames complete in order), and
+    ``needed (T_out + 1,)``, the first source frame read by output frames ``j..`` (``T`` past
+    the end); empty rows read nothing."""
+    matrix = matrix.sorted_indices()
+    counts = np.diff(matrix.indptr)
+    filled = counts > 0
+    first = np.full(matrix.shape[0], matrix.shape[1], dtype=np.int64)
+    last = np.full(matrix.shape[0], -1, dtype=np.int64)
+    first[filled] = matrix.indices[matrix.indptr[:-1][filled]]
+    last[filled] = matrix.indices[matrix.indptr[1:][filled] - 1]
+    ready = np.maximum.accumulate(last)
+    needed = np.append(np.minimum.accumulate(first[::-1])[::-1], matrix.shape[1])
+    return ready, needed

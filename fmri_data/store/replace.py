@@ -19,11 +19,12 @@ import io
 import json
 import os
 import secrets
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import IO, TYPE_CHECKING, Any
 
 import zarr
 
+from ..read.common import IO_BYTES
 from .layout import RUNS, STAGING, is_local
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -72,9 +73,17 @@ def write_file(store: Store, rel: str, write: Callable[[IO[bytes]], None]) -> No
         raise
 
 
-def write_bytes(store: Store, rel: str, data: bytes) -> None:
-    """Write ``data`` to the file ``rel`` atomically (:func:`write_file`)."""
-    write_file(store, rel, lambda fh: fh.write(data))
+def write_bytes(store: Store, rel: str, data: bytes | Sequence[bytes]) -> None:
+    """Write ``data`` (one byte string, or several written in order) to the file ``rel``
+    atomically (:func:`write_file`)."""
+
+    def write(fh: IO[bytes]) -> None:
+        for piece in [data] if isinstance(data, (bytes, bytearray, memoryview)) else data:
+            view = memoryview(piece)
+            for start in range(0, len(view), IO_BYTES):
+                fh.write(view[start:start + IO_BYTES])
+
+    write_file(store, rel, write)
 
 
 def write_group_attrs(store: Store, key: str, attrs: dict[str, Any]) -> None:

@@ -10,7 +10,7 @@ import os
 import socket
 import time
 import warnings
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import IO, Any
 
 import fsspec
@@ -289,8 +289,9 @@ class Store:
         """
         replace.write_file(self, rel, write)
 
-    def write_bytes(self, rel: str, data: bytes) -> None:
-        """Write ``data`` to the file ``rel`` (below the store root) atomically (:meth:`write_file`)."""
+    def write_bytes(self, rel: str, data: bytes | Sequence[bytes]) -> None:
+        """Write ``data`` (or its pieces, in order) to the file ``rel`` (below the store root)
+        atomically (:meth:`write_file`)."""
         replace.write_bytes(self, rel, data)
 
     def write_root_attrs(self, attrs: dict[str, Any]) -> None:

@@ -7,6 +7,7 @@ import json
 import os
 import secrets
 import time
+from collections import deque
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any
@@ -17,6 +18,7 @@ import zarr
 from ..errors import StoreError
 from ..config.schema import to_json, validate
 
+from .direct import ShardEncoder
 from .export import array_dimensions, run_coordinates
 from .layout import ATTRS_CHECKSUM, RUNS, STAGING, attrs_digest, compressors, content_digest, is_local
 
@@ -50,7 +52,7 @@ class RunWriter:
         attrs: dict[str, Any] | None = None,
         dimension_names: tuple[str, ...] | None = None,
     ) -> zarr.Array:
-        """Create a time-first array and fill it shard by shard.
+        """Create a time-first array and fill it chunk by chunk.
 
         Args:
             name: array path inside the run group (``"bold"``, ``"roi/schaefer400_7n"``).
@@ -61,10 +63,12 @@ class RunWriter:
             shard_chunks: chunks per shard.
             compression: the recipe's ``store.compression``.
             block: ``block(start, stop)`` returns frames ``[start, stop)`` with shape
-                ``(stop - start, *frame_shape)``; called once per shard, in order. A shard is
-                encoded, written and hashed in background threads while the next one is
-                produced, so a block function that reuses buffers must alternate two (the
-                shard returned by one call is released when the call after next begins).
+                ``(stop - start, *frame_shape)``; called once per chunk, in order. A chunk is
+                encoded and hashed in background threads while the next one is produced, so
+                a block function that reuses buffers must alternate two (the frames returned
+                by one call are released when the call after next begins). Chunks are encoded
+                by :class:`~fmri_data.store.direct.ShardEncoder` (Zarr's bytes, without its
+                copies) and each shard file is written atomically, behind the next chunks.
             attrs: array attributes.
             dimension_names: Zarr v3 dimension names.
         """
@@ -82,28 +86,50 @@ class RunWriter:
             config={"write_empty_chunks": True},  # every shard exists: a missing one is detectable
         )
         digest = hashlib.sha256()
-
-        def store(start: int, stop: int, values: np.ndarray) -> None:
-            hashed = hasher.submit(digest.update, memoryview(values.reshape(-1)).cast("B"))  # releases the GIL
-            array[start:stop] = values
-            hashed.result()
-
-        with ThreadPoolExecutor(1) as hasher, ThreadPoolExecutor(1) as shards:
-            pending = None  # shards are stored in order, one at a time, behind the next block
-            for start in range(0, n_frames, shard_frames):
-                stop = min(start + shard_frames, n_frames)
+        # chunks encoded here, as Zarr would write them (store/direct.py), else shards by Zarr
+        encoder = ShardEncoder.of(array)
+        shard_values = None if encoder is not None else np.empty((shard_frames, *frame_shape), dtype=dtype)
+        threads = max(1, min(os.cpu_count() or 1, shard_chunks))
+        with ThreadPoolExecutor(1) as hasher, ThreadPoolExecutor(threads) as coders, ThreadPoolExecutor(1) as files:
+            busy: deque = deque()  # (hash, encode) of the chunks whose frames may still be read
+            encoded: list = []  # this shard's chunk encodes
+            writes: deque = deque()
+            for start in range(0, n_frames, chunk_frames):
+                stop = min(start + chunk_frames, n_frames)
+                while len(busy) >= 2:  # the block function reuses the frames of the call before last
+                    for job in busy.popleft():
+                        job.result()
                 values = np.ascontiguousarray(np.asarray(block(start, stop), dtype=dtype))
                 if values.shape != (stop - start, *frame_shape):
                     raise ValueError(f"{name}: block [{start}, {stop}) has shape {values.shape}")
-                job = shards.submit(store, start, stop, values)
-                if pending is not None:
-                    pending.result()
-                pending = job
+                hashed = hasher.submit(digest.update, memoryview(values.reshape(-1)).cast("B"))  # releases the GIL
+                first = start - start % shard_frames
+                if encoder is not None:
+                    encoded.append(coders.submit(encoder.chunk, values))
+                    busy.append((hashed, encoded[-1]))
+                else:
+                    shard_values[start - first:stop - first] = values
+                    busy.append((hashed,))
+                if stop - first < shard_frames and stop < n_frames:
+                    continue
+                if encoder is None:
+                    array[first:stop] = shard_values[:stop - first]
+                    continue
+                key = f"{self.staging}/{name}/{encoder.key(first // shard_frames)}"
+                writes.append(files.submit(self._write_shard, key, encoder, encoded))
+                encoded = []
+                while len(writes) > 1:  # at most one finished shard waits for its file
+                    writes.popleft().result()
                 self._heartbeat()
-            if pending is not None:
-                pending.result()
+            for jobs in [*busy, writes]:
+                for job in jobs:
+                    job.result()
         self._written(name, digest.hexdigest())
         return array
+
+    def _write_shard(self, key: str, encoder: ShardEncoder, chunks: list) -> None:
+        """Write one shard file from its chunks' encodes (futures), atomically."""
+        self.store.write_bytes(key, encoder.pieces([job.result() for job in chunks]))
 
     def _heartbeat(self) -> None:
         if time.monotonic() - self._last_beat > 60:

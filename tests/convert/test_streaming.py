@@ -1,6 +1,7 @@
-"""The bounded-memory volume conversion: frame rows streamed in the file's voxel order, the
-row-wise operator kernel, the spilled working series, the slab-wise normalization, and the
-codec a resumed store keeps.
+"""The bounded-memory volume conversion: frame rows decoded ahead in the file's voxel order,
+the row-wise operator kernel, the TR step applied as frames arrive, the spilled working
+series, the slab- and block-wise normalization, the fused float16 cast, and the codec a
+resumed store keeps.
 
 Synthetic arrays and NIfTI files here are small and made where the answer must be exact
 (the numpy definition, or nibabel's own read of the same file); conversions use ds-real.
@@ -9,6 +10,7 @@ Synthetic arrays and NIfTI files here are small and made where the answer must b
 from __future__ import annotations
 
 import gzip
+import threading
 
 import nibabel as nib
 import numpy as np
@@ -18,10 +20,12 @@ import zarr
 
 from fmri_data.config.recipe import load_recipe, recipe_hash
 from fmri_data.convert import convert, scratch
-from fmri_data.derive.volume import VolumeNormalizer, global_zscore_elements, scatter_columns
-from fmri_data.errors import InputError
+from fmri_data.derive.volume import VolumeNormalizer, float16_bits, global_zscore_elements
+from fmri_data.convert.outputs import volume as volume_output
+from fmri_data.errors import InputError, SettingError
 from fmri_data.read.nifti import open_volume
 from fmri_data.resample.operator import PreparedOperator, permute_columns
+from fmri_data.resample.temporal import TemporalStream, resample_tr
 from fmri_data.store.root import Store
 
 from conftest import DS_REAL
@@ -172,13 +176,23 @@ def test_normalizer_by_slabs_is_the_whole_run_definition(kind, elementwise, nega
     for a, b in [(60, 90), (0, 25), (25, 60)]:  # any order
         norm.fit(a, x[:, a:b])
     params, arrays = norm.finish()
+    if norm.fits_frames:  # the same statistics from frame blocks, as the streamed TR step fits them
+        by_frames = VolumeNormalizer(kind, 90, elementwise=elementwise, negatives=negatives, ddof=ddof)
+        for a, b in [(0, 7), (7, 8), (8, 40)]:
+            by_frames.fit(0, x[a:b])
+        numbers = {k: v for k, v in params.items() if k != "kind"}
+        assert {k: by_frames.finish()[0][k] for k in numbers} == pytest.approx(numbers, rel=1e-12)
+    else:
+        assert kind in ("voxel_zscore", "robust")
     assert params["background"] == pytest.approx(low, rel=1e-6)
     np.testing.assert_allclose(norm.apply(x), expected, rtol=1e-5, atol=1e-5)
     position = RNG.permutation(200)[:90]
-    for dtype in (np.float16, np.float32):
+    for dtype in (np.float16, np.float32):  # normalize, cast and scatter in one pass: bit for bit
         out = np.full((40, 200), 7.0, dtype=dtype)
-        scatter_columns(norm.apply(x).astype(dtype), position, out)
-        np.testing.assert_array_equal(out[:, position], norm.apply(x).astype(dtype))
+        norm.apply_scattered(x, position, out)
+        bits = np.dtype(f"u{np.dtype(dtype).itemsize}")
+        np.testing.assert_array_equal(np.ascontiguousarray(out[:, position]).view(bits),
+                                      norm.apply(x).astype(dtype).view(bits))
         assert (np.delete(out, position, axis=1) == 7.0).all()  # other columns untouched
     if kind == "global_zscore":
         z, whole = global_zscore_elements(x, elementwise=elementwise, negatives=negatives, ddof=ddof)
@@ -236,3 +250,75 @@ def test_a_store_resumed_keeps_its_codec(tmp_path, atlas_dir):
     with pytest.raises(Exception, match="written with recipe"):
         convert(DS_REAL, out, overrides=["qa.enabled=false", "temporal.tr=1.5"], participant_label=["me1"],
                 atlas_dir=atlas_dir, progress=False)
+
+
+@pytest.mark.parametrize("n_frames, tr_in, tr_out, kind, antialias, grid, block", [
+    (300, 0.72, 0.8, "linear", False, "neurostorm", 36),  # NeuroSTORM's step, HCP TR
+    (100, 2.0, 0.8, "linear", False, "exact", 7),  # upsampling: several output frames per source frame
+    (100, 0.72, 0.8, "cubic", False, "exact", 9),  # a wide band (the spline's decaying weights)
+    (150, 0.72, 2.0, "linear", True, "exact", 10),  # windowed-sinc anti-aliasing
+    (97, 2.0, 0.72, "cubic", True, "fmri_lm", 5),
+    (53, 1.0, 1.0, "linear", True, "exact", 8),  # equal TRs: frames pass through
+])
+def test_temporal_stream_is_resample_tr(n_frames, tr_in, tr_out, kind, antialias, grid, block):
+    """TR resampling applied to blocks of frames as they arrive equals the whole-series
+    result bit for bit, holding the band's frames only (synthetic series)."""
+    x = RNG.standard_normal((n_frames, 33)).astype(np.float32)
+    expected = resample_tr(x, tr_in, tr_out, kind, antialias, device="cpu", grid=grid)
+    stream = TemporalStream(n_frames, tr_in, tr_out, kind, antialias, grid, 33, block)
+    got, seen = np.full_like(expected, np.nan), []
+    for start in range(0, n_frames, block):
+        stop = min(start + block, n_frames)
+        stream.inputs(stop - start)[...] = x[start:stop]
+        for j, rows in stream.push(stop - start):
+            got[j:j + len(rows)] = rows
+            seen.extend(range(j, j + len(rows)))
+    assert seen == list(range(len(expected)))  # every output frame once, in order
+    np.testing.assert_array_equal(got, expected)
+    assert stream.carry <= 64 and stream._window.shape[0] <= block + stream.carry
+    with pytest.raises(SettingError, match="does not fit"):
+        stream.inputs(block + stream.carry + 1)
+
+
+def test_float16_cast_kernel_is_numpy_cast():
+    """Every float32 sign/exponent/top-10-mantissa pattern with the low bits that decide
+    rounding (ties to even, carries into the exponent, subnormals, overflow, inf, NaN)."""
+    high = np.arange(1 << 19, dtype=np.uint32) << 13
+    low = np.array([0, 1, 0x7FF, 0x800, 0xFFF, 0x1000, 0x1001, 0x17FF, 0x1FFF], dtype=np.uint32)
+    values = (high[:, None] | low[None, :]).reshape(-1).view(np.float32)
+    with np.errstate(over="ignore", invalid="ignore"):
+        expected = values.astype(np.float16).view(np.uint16)
+    np.testing.assert_array_equal(float16_bits(values), expected)
+
+
+def test_read_ahead_stops_when_the_reader_stops(tmp_path):
+    path = _nifti(tmp_path / "bold.nii.gz", RNG.normal(size=(6, 6, 6, 40)).astype(np.float32), np.eye(4))
+    vol = open_volume(path)
+    for _start, _stop, _rows in vol.iter_frame_rows(4):
+        break
+    names = [t.name for t in threading.enumerate()]
+    assert "fmri-data-read-ahead" not in names  # the decoding thread ended with the iteration
+
+
+def test_streamed_tr_step_equals_the_column_pass(tmp_path, atlas_dir, monkeypatch):
+    """The TR step applied while decoding (banded operator) and the column pass over the
+    whole spatially resampled series give the same stored volumes (real run, NeuroSTORM's
+    TR 0.8 s step); the statistics differ only by the float64 rounding of their grouping."""
+    options = dict(recipe="neurostorm", overrides=["qa.enabled=false", "temporal.tr=1.5"], participant_label=["me1"],
+                   atlas_dir=atlas_dir, progress=False)
+    streamed = []
+    build = volume_output._temporal_stream
+
+    def spy(*args, **kwargs):
+        stream = build(*args, **kwargs)
+        streamed.append(stream is not None)
+        return stream
+
+    monkeypatch.setattr(volume_output, "_temporal_stream", spy)
+    assert convert(DS_REAL, str(tmp_path / "stream.zarr"), **options).count("complete") == 1
+    monkeypatch.setattr(volume_output, "MAX_CARRY_FRAMES", -1)  # no band is narrow enough: column pass
+    assert convert(DS_REAL, str(tmp_path / "columns.zarr"), **options).count("complete") == 1
+    assert streamed == [True, False]
+    a, b = _bold(str(tmp_path / "stream.zarr")).astype(np.float32), _bold(str(tmp_path / "columns.zarr")).astype(np.float32)
+    assert a.shape == b.shape and np.mean(a == b) > 0.999
+    np.testing.assert_allclose(a, b, rtol=2**-10, atol=2**-20)  # at most one float16 step apart

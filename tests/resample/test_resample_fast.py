@@ -253,9 +253,12 @@ def test_conversion_uses_the_numba_kernel_by_default(tmp_path, atlas_dir, monkey
     assert report.count("complete") == 1, [r.error for r in report.failed]
     attrs = Store.open(out).run_attrs(report.results[0].run_id)
     n_brain, n_source = attrs["volume"]["n_brain_voxels"], attrs["n_frames_source"]
-    assert (n_source, n_brain) in row_calls  # spatial, on frame rows: (frames, brain voxels), one block
-    # TR 2.0 -> 1.5 s: (output frames, brain voxels in column chunks) and (output frames, parcels)
-    assert sum(c for r, c in calls if r == attrs["n_frames"]) == n_brain + 400
+    # spatial, on frame rows: (frames, brain voxels) blocks covering every source frame once
+    assert sum(r for r, c in row_calls if c == n_brain) == n_source
+    # TR 2.0 -> 1.5 s: the brain streamed in bands of output frames (each frame once), the
+    # parcels as one (output frames, parcels) call
+    assert sum(r for r, c in calls if c == n_brain) == attrs["n_frames"]
+    assert (attrs["n_frames"], 400) in calls
     assert attrs["n_frames"] == 213
     # a CUDA request without a device fails the run with a clear message
     if not cuda_available():

@@ -215,3 +215,26 @@ def test_export_command(hcp_store, tmp_path):
     assert Path(out).is_file() and f"wrote {out}" in result.output
     again = runner.invoke(app, ["export", hcp_store, HCP, "--to", "nifti", "--out", str(tmp_path / "b.nii.gz")])
     assert again.exit_code == 2 and "no array 'bold'" in again.output
+
+
+@pytest.mark.parametrize("n_frames", [1080, 1085, 7])  # whole shards, a padded last chunk, one partial shard
+@pytest.mark.parametrize("dtype, cname, shuffle", [("float16", "lz4", "shuffle"), ("float32", "zstd", "bitshuffle")])
+def test_shard_files_are_the_bytes_zarr_writes(tmp_path, n_frames, dtype, cname, shuffle):
+    """The converter encodes shard files itself (ShardEncoder): byte for byte what Zarr writes
+    for the same values (synthetic values; Zarr's own write is the reference)."""
+    from fmri_data.store.direct import ShardEncoder
+    from fmri_data.store.layout import compressors
+
+    codec = {"cname": cname, "clevel": 5, "shuffle": shuffle}
+    array = zarr.open_group(str(tmp_path / "s.zarr"), mode="w").create_array(
+        "bold", shape=(n_frames, 6, 7, 5), chunks=(20, 6, 7, 5), shards=(100, 6, 7, 5), dtype=dtype,
+        compressors=compressors(codec, np.dtype(dtype).itemsize), fill_value=0, config={"write_empty_chunks": True})
+    values = np.random.default_rng(0).standard_normal((n_frames, 6, 7, 5)).astype(dtype)
+    values[:, :3] = 0  # a compressible part
+    array[...] = values
+    encoder = ShardEncoder.of(array)
+    for shard in range((n_frames + 99) // 100):
+        written = (tmp_path / "s.zarr" / "bold" / encoder.key(shard)).read_bytes()
+        assert encoder.encode(shard, np.ascontiguousarray(values[shard * 100:(shard + 1) * 100])) == written
+    with pytest.raises(ValueError, match="chunk"):
+        encoder.chunk(np.ascontiguousarray(values[:3, :2]))

@@ -7,7 +7,7 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from ...derive.volume import VolumeNormalizer, epi_mask, footprint_mask, scatter_columns
+from ...derive.volume import VolumeNormalizer, epi_mask, footprint_mask
 from ...discover import NATIVE
 from ...errors import InputError, RecipeError
 from ...reference.grids import Grid, stored_affine, template_grid, to_orientation
@@ -15,7 +15,7 @@ from ...read.nifti import VolumeSeries, open_volume, read_image_3d
 from ...read.common import resolve_tr
 from ...resample.operator import PreparedOperator, permute_columns
 from ...resample.spatial import grid_indices, inside_source, resample_mask, resampling_matrix, source_coordinates
-from ...resample.temporal import n_output_frames, resample_tr
+from ...resample.temporal import MAX_CARRY_FRAMES, TemporalStream, n_output_frames, resample_tr
 from ...store.layout import roi_key
 from ..context import (
     RunInputs, cached_atlas, cached_parcel_operator, check_finite, frames_per_block, resample_device,
@@ -136,53 +136,67 @@ def volume_outputs(run: RunInputs, inputs: Mapping[str, Any]) -> Produced:
 
     # One streaming pass over the source: every block of frames, decoded in the file's own
     # voxel order (frame rows; operators' columns permuted to it), goes through every spatial
-    # operator (numba on CPU, torch on CUDA; recipe compute.device). The brain series is kept
-    # (spilled to a temporary file when large: memory does not grow with the run) for the
-    # temporal step, done per column slab.
+    # operator (numba on CPU, torch on CUDA; recipe compute.device), then through the TR
+    # step as frames arrive (TemporalStream: the operator is banded) while the normalization
+    # is fitted; the resampled brain series is kept (spilled to a temporary file when large:
+    # memory does not grow with the run) for the pass that normalizes and writes it. A TR
+    # step that cannot stream (pchip, a very wide band) or a per-voxel normalization takes a
+    # column pass over the spatially resampled series instead (_retime_brain).
     device = resample_device(recipe)
+    temporal = recipe["temporal"]
     order_on_disk = vol.frame_order()
     n_brain = op.shape[0] if op is not None else 0
-    brain = Series(vol.n_frames, n_brain) if op is not None else None
     parcels = [np.empty((vol.n_frames, p.matrix.shape[0]), dtype=np.float32) for p in parcel_ops]
     apply_brain = PreparedOperator(permute_columns(op, order_on_disk), device=device) if op is not None else None
     apply_parcels = [PreparedOperator(permute_columns(p.matrix, order_on_disk), device=device, dtype=np.float64)
                      for p in parcel_ops]
     policy = recipe["inputs"]["nan_policy"]
     qa_frames = _qa_frames(run, vol, mask, grid)
-    resampled = None
     # blocks bounded by the source frames and by what the operators make of them (a small
     # native-space source can map onto hundreds of thousands of template voxels)
     per_frame = max(int(np.prod(vol.shape[:3])), n_brain + sum(p.shape[1] for p in parcels))
     block_frames = frames_per_block(vol.n_frames, per_frame)
-    brain_rows = np.empty((block_frames, n_brain), dtype=np.float32)
+    norm = _normalizer(volume_cfg, mask_mode, n_brain) if op is not None else None
+    stream = _temporal_stream(vol.n_frames, tr_in, tr_out, temporal, n_brain, block_frames, norm)
+    brain = Series(t_out if stream else vol.n_frames, n_brain) if op is not None else None
+    brain_rows = np.empty((block_frames, n_brain), dtype=np.float32) if op is not None and not stream else None
+    resampled, first, signal = None, None, False
     try:
         for start, stop, rows in vol.iter_frame_rows(block_frames):
             if qa_frames is not None:
                 qa_frames.add(start, stop, vol.ras_view(rows))
             rows = check_finite(rows, vol.path, start, policy)
-            if apply_brain is not None:
-                brain.write(start, apply_brain.apply_rows(rows, out=brain_rows[:stop - start]))
             for out, apply in zip(parcels, apply_parcels):
                 apply.apply_rows(rows, out=out[start:stop])
-        rows = brain_rows = None  # the block buffers are not needed past this pass
-
-        temporal = recipe["temporal"]
+            if apply_brain is None:
+                continue
+            target = stream.inputs(stop - start) if stream else brain_rows[:stop - start]
+            apply_brain.apply_rows(rows, out=target)
+            if not signal:  # a voxel that changes in time (almost always seen in the first block)
+                first = target[0].copy() if first is None else first
+                signal = bool((target != first).any())
+            if stream is None:
+                brain.write(start, target)
+                continue
+            for j, retimed_rows in stream.push(stop - start):
+                norm.fit(0, retimed_rows)
+                brain.write(j, retimed_rows)
+        streamed, rows, brain_rows, stream = stream is not None, None, None, None  # the block buffers go
 
         def retimed(series: np.ndarray) -> np.ndarray:
             return resample_tr(series, tr_in, tr_out, temporal["interpolation"], temporal["antialias"], device=device,
                                grid=temporal["grid"])
 
-        signal = any(np.ptp(x, axis=0).max() > 0 for x in parcels if x.size)
-        if op is not None:
-            resampled, signal = _retime_brain(brain, t_out, retimed, volume_cfg, mask_mode, signal)
-            if not resampled[0].shares_data(brain):
-                brain.close()  # a longer result lives in a series of its own
+        signal = signal or any(np.ptp(x, axis=0).max() > 0 for x in parcels if x.size)
         if not signal:
             raise InputError(vol.path, "no BOLD signal: every voxel is constant over time")
         if op is not None:
-            attrs["volume"] = _write_volume(run, resampled, mask, grid, mask_mode, src.space, volume_cfg)
+            resampled = brain if streamed else _retime_brain(brain, t_out, retimed, norm)
+            if not resampled.shares_data(brain):
+                brain.close()  # a longer result lives in a series of its own
+            attrs["volume"] = _write_volume(run, resampled, norm, mask, grid, mask_mode, src.space, volume_cfg)
     finally:
-        for series in (brain, resampled[0] if resampled else None):
+        for series in (brain, resampled):
             if series is not None:
                 series.close()
     roi_series: dict[str, np.ndarray] = {}
@@ -215,29 +229,39 @@ def _normalizer(cfg: dict[str, Any], mask_mode: str, n_brain: int) -> VolumeNorm
                             background=cfg["background"])
 
 
-def _retime_brain(brain: Series, t_out: int, retimed, cfg, mask_mode: str, signal: bool):
+def _temporal_stream(n_frames: int, tr_in: float, tr_out: float, temporal: dict[str, Any], n_brain: int,
+                     block_frames: int, norm: VolumeNormalizer | None) -> TemporalStream | None:
+    """The TR step applied as frames are decoded (:class:`~fmri_data.resample.temporal.TemporalStream`),
+    or None when it cannot be: no brain series, a normalization fitted per voxel (it needs
+    whole columns), ``pchip`` (not linear) or a band wider than
+    :data:`~fmri_data.resample.temporal.MAX_CARRY_FRAMES` (an IIR filter over a short run)."""
+    if norm is None or not norm.fits_frames or temporal["interpolation"] == "pchip" or n_frames < 2:
+        return None
+    stream = TemporalStream(n_frames, tr_in, tr_out, temporal["interpolation"], temporal["antialias"],
+                            temporal["grid"], n_brain, block_frames)
+    return stream if stream.carry <= MAX_CARRY_FRAMES else None
+
+
+def _retime_brain(brain: Series, t_out: int, retimed, norm: VolumeNormalizer) -> Series:
     """Temporal resampling of the brain series ``(T_in, N)`` column slab by column slab into
     a ``(T_out, N)`` :class:`~fmri_data.convert.scratch.Series` (on ``brain``'s data when the
-    result is not longer: written over it), fitting the normalization on the way; returns
-    ``(resampled, normalizer), signal`` (whether any voxel varies in time)."""
-    norm = _normalizer(cfg, mask_mode, brain.shape[1])
+    result is not longer: written over it), fitting ``norm`` on the way."""
     out = None
     for a, b in column_slabs(brain.shape[0], brain.shape[1]):
-        slab = brain[:, a:b]
-        signal = signal or bool(np.any(slab.max(axis=0) > slab.min(axis=0)))
-        slab = retimed(slab)
+        slab = retimed(brain[:, a:b])
         if out is None:  # not longer: in place (slabs are disjoint, each read before it is written)
             out = brain.head(t_out) if t_out <= brain.shape[0] else Series(t_out, brain.shape[1])
         norm.fit(a, slab)
         out.write_columns(a, slab)
-    return (out, norm), signal
+    return out
 
 
-def _write_volume(run: RunInputs, resampled, mask, grid, mask_mode, source_space, cfg) -> dict[str, Any]:
+def _write_volume(run: RunInputs, series: Series, norm: VolumeNormalizer, mask, grid, mask_mode, source_space,
+                  cfg) -> dict[str, Any]:
     """Normalize the brain series and write ``bold`` ``(T, X, Y, Z)``, ``brain_mask`` and the
     ``norm_*`` maps; returns run attribute ``volume``.
 
-    ``resampled`` is ``(series (T_out, N), normalizer)`` from :func:`_retime_brain`.
+    ``series`` is the resampled brain series ``(T_out, N)``, ``norm`` fitted on it.
     ``mask``/``grid`` are RAS+ (what later output kinds get); the stored arrays are in
     ``volume.orientation`` order (``LAS``: x reversed) and the stored affine maps stored
     indices to mm. With ``mask_mode="nonzero_elementwise"`` the stored ``brain_mask`` is the
@@ -245,7 +269,6 @@ def _write_volume(run: RunInputs, resampled, mask, grid, mask_mode, source_space
     non-zero in any resampled frame); elements that are exactly 0 after resampling are
     background at that frame and hold ``normalization.background``.
     """
-    series, norm = resampled
     store_cfg, writer = run.recipe["store"], run.writer
     orientation = cfg.get("orientation", "RAS")
     params, arrays = norm.finish()
@@ -257,17 +280,15 @@ def _write_volume(run: RunInputs, resampled, mask, grid, mask_mode, source_space
     inverse[stored_position.reshape(-1)] = np.arange(grid.n_voxels)
     position = inverse[np.flatnonzero(mask.reshape(-1))]
     sub = max(1, int(store_cfg["chunk_frames"]))
-    # two shards in the stored dtype (the writer stores one while the next is made), filled
+    # two chunks in the stored dtype (the writer encodes one while the next is made), filled
     # with the background once: every block overwrites the brain positions only
-    shards = [np.full((sub * int(store_cfg["shard_chunks"]), grid.n_voxels), background, dtype=cfg["dtype"])
-              for _ in range(2)]
+    chunks = [np.full((sub, grid.n_voxels), background, dtype=cfg["dtype"]) for _ in range(2)]
+    rows = np.empty((sub, series.shape[1]), dtype=np.float32)
 
     def block(start: int, stop: int) -> np.ndarray:
-        shard = shards[(start // len(shards[0])) % 2]
-        for a in range(start, stop, sub):
-            b = min(a + sub, stop)
-            scatter_columns(norm.apply(series[a:b]).astype(cfg["dtype"]), position, shard[a - start:b - start])
-        return shard[:stop - start].reshape((stop - start,) + grid.shape)
+        chunk = chunks[(start // sub) % 2][:stop - start]
+        norm.apply_scattered(series.rows(start, stop, out=rows[:stop - start]), position, chunk)
+        return chunk.reshape((stop - start,) + grid.shape)
 
     writer.write_series(
         "bold", series.shape[0], grid.shape, cfg["dtype"], store_cfg["chunk_frames"], store_cfg["shard_chunks"],
