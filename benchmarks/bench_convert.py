@@ -250,7 +250,7 @@ def instrument() -> Phases:
     phases.wrap(context, "temporal_mean", "read+decode")
     for name in ("write_series", "write_array", "commit"):
         phases.wrap(writer.RunWriter, name, "write", container=True)
-    phases.wrap(numcodecs.blosc.Blosc, "encode", ENCODE, clock=time.thread_time)  # in zarr's threads
+    phases.wrap(numcodecs.blosc.Blosc, "encode", ENCODE, clock=time.thread_time)  # in the writer's threads
     return phases
 
 
@@ -391,7 +391,7 @@ def run_child(cmd: list[str]) -> tuple[float, float]:
     return float(seconds), int(kib) / 2**20
 
 
-ENCODE = "Blosc encode (CPU s, zarr's threads)"
+ENCODE = "Blosc encode (CPU s, the writer's threads)"
 ORDER = ["read+decode", "finite check", "kernel setup (CUDA probe)", "spatial resample", "scratch file",
          "temporal resample", "normalize", "ROI derivation", "scatter to grid", "write", "volume output (rest)"]
 
@@ -448,7 +448,7 @@ def main() -> None:
 
         codec = load_recipe("neurostorm")["store"]["compression"]
         print(f"  within 'write': {encode:.1f} CPU s of Blosc encoding ({codec['cname']} {codec['clevel']},"
-              f" {codec['shuffle']}) summed over zarr's threads")
+              f" {codec['shuffle']}) summed over the writer's threads")
         if "read+decode" in seconds:
             print(f"  read+decode / decode floor: {seconds['read+decode'] / floor:.2f}x"
                   f" ({phases['calls'].get('read+decode', 0)} timed reads)")
