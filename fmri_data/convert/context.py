@@ -104,7 +104,7 @@ class RunInputs:
     warnings: list[str] = field(default_factory=list)
     sources: list[dict[str, Any]] = field(default_factory=list)
 
-    _digests: list[tuple[str, Future]] = field(default_factory=list)
+    _digests: list[Future] = field(default_factory=list)  # one per entry of sources
 
     def add_source(self, path: str, kind: str, space: str | None, derivative: bool) -> None:
         """Record a file read for this run, with its sha256 (under its original URL when fetched).
@@ -116,7 +116,7 @@ class RunInputs:
         if any(s["path"] == original for s in self.sources):
             return
         self.sources.append({"path": original, "kind": kind, "space": space, "derivative": derivative, "sha256": None})
-        self._digests.append((original, HASHING.submit(file_sha256, path)))
+        self._digests.append(HASHING.submit(file_sha256, path))
 
     def finished_sources(self) -> list[dict[str, Any]]:
         """:attr:`sources` with every SHA-256 filled in.
@@ -124,11 +124,11 @@ class RunInputs:
         Raises:
             InputError: a source file could not be read (names it).
         """
-        for entry, (original, digest) in zip(self.sources, self._digests):
+        for entry, digest in zip(self.sources, self._digests):
             try:
                 entry["sha256"] = digest.result()
             except OSError as exc:
-                raise InputError(original, f"cannot read ({exc})") from exc
+                raise InputError(entry["path"], f"cannot read ({exc})") from exc
         return self.sources
 
 

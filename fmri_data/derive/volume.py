@@ -113,34 +113,40 @@ def normalize(x: np.ndarray, kind: str) -> tuple[np.ndarray, dict[str, Any], dic
     return y, {"kind": kind}, {"center": center.astype(np.float32), "scale": scale.astype(np.float32)}
 
 
+@numba.njit(cache=True, nogil=True, inline="always")
+def _brain_value(v, elementwise, zero_negatives):  # pragma: no cover - compiled
+    """NeuroSTORM's background / negatives rules for one float32 element (see
+    :class:`VolumeNormalizer`): ``(False, v)`` for an element-wise background element
+    (exactly 0 under ``elementwise``), else ``(True, v)``, a negative ``v`` made 0 under
+    ``zero_negatives``."""
+    if elementwise and v == 0:
+        return False, v
+    if zero_negatives and v < 0:
+        return True, np.float32(0)
+    return True, v
+
+
 @numba.njit(parallel=True, cache=True, nogil=True)
 def _row_moments(values, elementwise, zero_negatives, count, mean, m2, low):  # pragma: no cover - compiled
-    """Per row ``t`` of ``values (T, n)`` float32, the brain elements after NeuroSTORM's
-    background / negatives rules (see :class:`VolumeNormalizer`): ``count[t]``, float64
-    ``mean[t]``, sum of squared deviations from it ``m2[t]`` (two passes over the row) and
-    minimum ``low[t]`` (+inf when the row has no element). Rows are split over threads."""
+    """Per row ``t`` of ``values (T, n)`` float32, its brain elements (:func:`_brain_value`):
+    ``count[t]``, float64 ``mean[t]``, sum of squared deviations from it ``m2[t]`` (two
+    passes over the row) and minimum ``low[t]`` (+inf when the row has no element). Rows are
+    split over threads."""
     n_rows, n = values.shape
     for t in numba.prange(n_rows):
         row = values[t]
         c, total, smallest = 0, 0.0, np.inf
         for j in range(n):
-            v = row[j]
-            if elementwise and v == 0:
-                continue
-            if zero_negatives and v < 0:
-                v = np.float32(0)
-            c += 1
-            total += v
-            smallest = min(smallest, v)
+            brain, v = _brain_value(row[j], elementwise, zero_negatives)
+            if brain:
+                c += 1
+                total += v
+                smallest = min(smallest, v)
         mu = total / c if c else 0.0
         squares = 0.0
-        if c:
-            for j in range(n):
-                v = row[j]
-                if elementwise and v == 0:
-                    continue
-                if zero_negatives and v < 0:
-                    v = np.float32(0)
+        for j in range(n if c else 0):
+            brain, v = _brain_value(row[j], elementwise, zero_negatives)
+            if brain:
                 squares += (v - mu) * (v - mu)
         count[t], mean[t], m2[t], low[t] = c, mu, squares, smallest
 
@@ -207,44 +213,38 @@ def _half_array(bits):  # pragma: no cover - compiled
     return out
 
 
+@numba.njit(cache=True, nogil=True, inline="always")
+def _normalize_row(row, center, scale, elementwise, zero_negatives, background, out):  # pragma: no cover - compiled
+    """``out[n] = float32((x - center) / scale)`` (float64 arithmetic) for the brain element
+    ``x`` of ``row[n]`` (:func:`_brain_value`); element-wise background elements get
+    ``background``. ``center``/``scale`` hold one value (global) or one per column."""
+    per_column = center.size > 1
+    for j in range(row.size):
+        brain, v = _brain_value(row[j], elementwise, zero_negatives)
+        if not brain:
+            out[j] = background
+            continue
+        k = j if per_column else 0
+        out[j] = (np.float64(v) - center[k]) / scale[k]
+
+
 @numba.njit(parallel=True, cache=True, nogil=True)
 def _normalize_into(rows, center, scale, elementwise, zero_negatives, background, out):  # pragma: no cover
-    """``out[t, n] = float32((x - center) / scale)`` (float64 arithmetic) for ``x = rows[t, n]``
-    after the negatives rule; element-wise background elements (``rows[t, n] == 0``) get
-    ``background``. ``center``/``scale`` hold one value (global) or one per column; frames
+    """:func:`_normalize_row` for every frame of ``rows (t, N)`` into ``out (t, N)``; frames
     are split over threads."""
-    n_frames, n = rows.shape
-    per_column = center.size > 1
-    for t in numba.prange(n_frames):
-        for j in range(n):
-            v = rows[t, j]
-            if elementwise and v == 0:
-                out[t, j] = background
-                continue
-            if zero_negatives and v < 0:
-                v = np.float32(0)
-            k = j if per_column else 0
-            out[t, j] = (np.float64(v) - center[k]) / scale[k]
+    for t in numba.prange(rows.shape[0]):
+        _normalize_row(rows[t], center, scale, elementwise, zero_negatives, background, out[t])
 
 
 @numba.njit(parallel=True, cache=True, nogil=True)
 def _normalize_scatter(rows, center, scale, elementwise, zero_negatives, background, position, half, out):  # pragma: no cover
-    """:func:`_normalize_into` and the scatter of frames onto the whole grid in one pass: the
-    normalized float32 of ``rows[t, n]`` goes to ``out[t, position[n]]`` as its bits (``out`` uint32 = float32)
-    or, with ``half``, as float16 bits (``out`` uint16, :func:`_half_bits`)."""
+    """:func:`_normalize_row` and the scatter of frames onto the whole grid in one pass: the
+    normalized float32 of ``rows[t, n]`` goes to ``out[t, position[n]]`` as its bits (``out``
+    uint32 = float32) or, with ``half``, as float16 bits (``out`` uint16, :func:`_half_bits`)."""
     n_frames, n = rows.shape
-    per_column = center.size > 1
     for t in numba.prange(n_frames):
         z = np.empty(n, np.float32)
-        for j in range(n):
-            v = rows[t, j]
-            if elementwise and v == 0:
-                z[j] = background
-                continue
-            if zero_negatives and v < 0:
-                v = np.float32(0)
-            k = j if per_column else 0
-            z[j] = (np.float64(v) - center[k]) / scale[k]
+        _normalize_row(rows[t], center, scale, elementwise, zero_negatives, background, z)
         bits = z.view(np.uint32)
         target = out[t]
         if half:

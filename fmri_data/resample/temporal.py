@@ -292,11 +292,11 @@ class TemporalStream:
         self.n_frames, self.block_frames = int(n_frames), max(1, int(block_frames))
         self._base = self._count = self._next = 0  # window = source frames [base, base + count)
         if math.isclose(tr_in, tr_out, rel_tol=1e-9):
-            self._op, self.n_output = None, self.n_frames
+            self._op = None
             capacity = self.block_frames
         else:
             matrix = temporal_operator(self.n_frames, float(tr_in), float(tr_out), kind, antialias, grid)
-            self._op, self.n_output = PreparedOperator(matrix, "numba", "cpu"), matrix.shape[0]
+            self._op = PreparedOperator(matrix, "numba", "cpu")
             self._ready, self._needed = _band(matrix)
             capacity = self.block_frames + self.carry
             self._out = np.empty((self.block_frames, int(n_columns)), dtype=np.float32)

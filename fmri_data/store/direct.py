@@ -17,8 +17,8 @@ Writing goes the same way round (:class:`ShardEncoder`): Zarr's own path fills a
 chunk buffer with the fill value and copies each chunk into it before encoding, and copies
 each encoded chunk again to append its checksum — about twice the CPU time of the Blosc
 encode itself on an HCP-sized run (``benchmarks/bench_convert.py``). The encoder compresses
-each chunk of the caller's shard in place, in parallel threads, and produces the same bytes
-as Zarr (tested against Zarr's own writes).
+each chunk in place (the writer runs it in parallel threads) and produces the same bytes as
+Zarr (tested against Zarr's own writes).
 
 Threads: each chunk is decompressed by one thread (Zarr sets ``numcodecs.blosc.use_threads
 = False``, so numcodecs uses Blosc's contextual, single-threaded call, which releases the
@@ -31,7 +31,6 @@ and enabling them switches numcodecs to Blosc's global, lock-serialised context.
 from __future__ import annotations
 
 import os
-from concurrent.futures import Executor
 from dataclasses import dataclass
 from typing import Any
 
@@ -201,26 +200,6 @@ class ShardEncoder:
     def key(self, shard: int) -> str:
         """The shard file's path inside the array (Zarr's default chunk key: ``c/<t>/0/0/0``)."""
         return "/".join(["c", str(int(shard))] + ["0"] * (len(self.layout.chunk_shape) - 1))
-
-    def encode(self, shard: int, values: np.ndarray, pool: Executor | None = None) -> bytes:
-        """The shard file of time shard ``shard`` in one piece (:meth:`chunk` and :meth:`pieces`).
-
-        Args:
-            shard: its number (frames ``[shard * shard_frames, ...)``).
-            values: its frames, C-contiguous ``(min(shard_frames, n_frames - first frame),
-                *frame_shape)`` of the array's dtype.
-            pool: threads to compress the chunks in parallel (Blosc releases the GIL).
-
-        Raises:
-            ValueError: ``values`` has the wrong shape, dtype or layout.
-        """
-        lay = self.layout
-        frames = min(lay.shard_frames, lay.n_frames - shard * lay.shard_frames)
-        if values.shape != (frames,) + lay.chunk_shape[1:]:
-            raise ValueError(f"shard {shard} needs {(frames,) + lay.chunk_shape[1:]} frames, got {values.shape}")
-        pieces = [values[a:a + lay.chunk_frames] for a in range(0, frames, lay.chunk_frames)]
-        encoded = list(pool.map(self.chunk, pieces)) if pool is not None else [self.chunk(p) for p in pieces]
-        return b"".join(self.pieces(encoded))
 
     def chunk(self, values: np.ndarray) -> tuple[bytes, bytes]:
         """One chunk's stored bytes and their CRC-32C: ``values`` C-contiguous ``(t, *frame_shape)``
