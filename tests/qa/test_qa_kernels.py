@@ -200,6 +200,31 @@ def test_quality_index_ties_of_signed_zeros():
     np.testing.assert_allclose(iqm.quality_index(x), np_quality(x), rtol=1e-12, atol=1e-15)
 
 
+@pytest.mark.parametrize("values", ["spread", "one-high-digit", "signed-zeros-and-ties"])
+def test_radix_sort_rows_equals_numpy_sort(values):
+    # synthetic packed keys: values spanning both 16-bit digits, values sharing the high
+    # digit (its pass skipped), and heavy ties with -0.0 (equal keys keep channel order)
+    rng = np.random.default_rng(21)
+    x = {"spread": rng.normal(0.0, 1e3, size=(5, 3000)),
+         "one-high-digit": 1000.0 + rng.integers(0, 50, size=(5, 3000)) / 64.0,
+         "signed-zeros-and-ties": rng.choice([-0.0, 0.0, 1.0, -2.5], size=(5, 3000))}[values].astype(np.float32)
+    keys = np.empty(x.shape, dtype=np.uint64)
+    iqm._pack_keys(x.view(np.uint32), np.arange(x.shape[1], dtype=np.int64), keys, 0)
+    expected = np.sort(keys, axis=1)
+    iqm._radix_sort_rows(keys, np.empty_like(keys), np.empty((2, 1 << 16), dtype=np.int64))
+    np.testing.assert_array_equal(keys, expected)
+
+
+def test_quality_index_radix_path_equals_the_sort_path(monkeypatch, threads):
+    # synthetic: the same AQI, bit for bit, whether frames are ranked by the radix sort or numpy's
+    x = awkward_series(19, 300, seed=22)
+    x[:, :40] = np.random.default_rng(22).integers(0, 3, size=(19, 40))
+    by_sort = iqm.quality_index(x)
+    monkeypatch.setattr(iqm, "RADIX_MIN_CHANNELS", 2)
+    np.testing.assert_array_equal(iqm.quality_index(x), by_sort)
+    np.testing.assert_allclose(by_sort, np_quality(x), rtol=1e-10, atol=1e-13)
+
+
 @pytest.mark.parametrize("held", [0, 11, 30], ids=["all-in-file", "11-frames-held", "all-held"])
 def test_spilled_series_and_the_metrics_reading_it(tmp_path, held, threads):
     # a synthetic series written in blocks that straddle the held/file boundary, read back
