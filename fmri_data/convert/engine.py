@@ -18,6 +18,8 @@ from typing import Any
 from urllib.parse import urlsplit
 
 import dask
+import dask.local
+import dask.threaded
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from ..errors import ComputeError
@@ -150,7 +152,10 @@ def map_runs(
         if cluster is None and scheduler in ("threads", "synchronous"):
             keys = {t.key for t in tasks}
             with _TaskCounter(keys, advance):
-                return list(dask.compute(*tasks, scheduler=scheduler, num_workers=workers))
+                # the scheduler function itself: a scheduler's name makes dask import
+                # distributed (0.2 s) to look for a Client it would not use
+                get = dask.threaded.get if scheduler == "threads" else dask.local.get_sync
+                return list(dask.compute(*tasks, scheduler=get, num_workers=workers))
         with _quiet_distributed():
             return _distributed(tasks, scheduler, workers, advance, cluster, cluster_options or {}, memory_limit)
 
