@@ -95,6 +95,34 @@ def _csr_times_rows(indptr, indices, data, x, out):  # pragma: no cover - compil
             target[r] = acc
 
 
+@numba.njit(parallel=True, cache=True, nogil=True)
+def _gather_rows(source, x, out):  # pragma: no cover - compiled
+    """``out[t, r] = x[t, source[r]] + 0`` (0 where ``source[r] < 0``): :func:`_csr_times_rows`
+    for an operator whose rows hold at most one weight, each exactly 1 (a template grid
+    that is an integer shift of the source grid: nearest neighbour, or trilinear weights
+    at whole-voxel offsets, as fMRIPrep's MNI152NLin6Asym 2 mm runs onto 96^3), value for
+    value (``+ 0`` turns -0.0 into +0.0 as that kernel's sum does), about 4x faster."""
+    n_frames, n_rows = out.shape
+    for t in numba.prange(n_frames):
+        frame = x[t]
+        target = out[t]
+        for r in range(n_rows):
+            i = source[r]
+            target[r] = frame[i] + 0.0 if i >= 0 else 0.0
+
+
+def unit_gather(indptr: np.ndarray, indices: np.ndarray, data: np.ndarray) -> np.ndarray | None:
+    """The input each output copies, ``(n_outputs,)`` int64 (-1: none), when every row of the
+    CSR operator has at most one weight and every weight is exactly 1; else None."""
+    counts = np.diff(indptr)
+    if counts.size == 0 or counts.max() > 1 or not np.all(data == 1):
+        return None
+    source = np.full(counts.size, -1, dtype=np.int64)
+    one = counts == 1
+    source[one] = indices[indptr[:-1][one]]
+    return source
+
+
 _LAYER_LOCK = threading.Lock()
 _LAYER = {"threadsafe": False}
 
@@ -249,6 +277,7 @@ class PreparedOperator:
             self._indptr = csr.indptr.astype(np.int64)
             self._indices = csr.indices.astype(np.int64)
             self._data = csr.data.astype(self.dtype)
+            self._gather = unit_gather(self._indptr, self._indices, self._data)
         else:
             import torch
 
@@ -309,7 +338,8 @@ class PreparedOperator:
         in which a NIfTI block is decoded (:meth:`~fmri_data.read.nifti.VolumeSeries.iter_frame_rows`).
 
         The numba kernel gathers each output value from one frame and sums in float64
-        (:func:`_csr_times_rows`); torch and scipy apply ``M`` to ``x.T``.
+        (:func:`_csr_times_rows`; :func:`_gather_rows` when each row copies one input);
+        torch and scipy apply ``M`` to ``x.T``.
 
         Raises:
             SettingError: ``x`` or ``out`` has the wrong shape.
@@ -325,12 +355,14 @@ class PreparedOperator:
             self(x.T, out=out.T)
             return out
         x = np.ascontiguousarray(x, dtype=np.float32)
-        if out.flags.c_contiguous and out.dtype in (np.float32, np.float64):
-            _run_kernel(self._indptr, self._indices, self._data, x, out, _csr_times_rows)
+        target = out if out.flags.c_contiguous and out.dtype in (np.float32, np.float64) else \
+            np.empty(out.shape, dtype=np.float32)
+        if self._gather is not None:
+            run_numba_parallel(_gather_rows, self._gather, x, target)
         else:
-            result = np.empty(out.shape, dtype=np.float32)
-            _run_kernel(self._indptr, self._indices, self._data, x, result, _csr_times_rows)
-            out[...] = result
+            _run_kernel(self._indptr, self._indices, self._data, x, target, _csr_times_rows)
+        if target is not out:
+            out[...] = target
         return out
 
     def apply_band(self, rows: tuple[int, int], x: np.ndarray, first_input: int, out: np.ndarray) -> np.ndarray:

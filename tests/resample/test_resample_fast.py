@@ -285,3 +285,25 @@ def test_numba_weights_equal_the_numpy_weights_bitwise():
         np.testing.assert_array_equal(fast[0], slow[0])
         np.testing.assert_array_equal(fast[1], slow[1])
     assert fast[1][-2].sum() == 1.0 and fast[1][-1].sum() == 0.0  # on the single plane / off it
+
+
+def test_unit_gather_rows_equal_the_sum_kernel():
+    # synthetic: an operator whose rows copy one input (weight exactly 1) or none, the
+    # grid-shift case, on frames holding -0.0: the gather kernel gives the summing kernel's
+    # values bit for bit; a weight other than 1 or a second weight in a row is not a gather
+    rng = np.random.default_rng(3)
+    n_out, n_in = 500, 700
+    source = rng.integers(0, n_in, n_out)
+    source[::7] = -1  # rows outside the source field of view
+    rows = np.flatnonzero(source >= 0)
+    matrix = sp.csr_matrix((np.ones(rows.size), (rows, source[rows])), shape=(n_out, n_in))
+    frames = rng.normal(size=(9, n_in)).astype(np.float32)
+    frames[:, ::5] = -0.0
+    op = PreparedOperator(matrix, "numba", "cpu")
+    np.testing.assert_array_equal(op._gather, source)
+    fast = op.apply_rows(frames)
+    slow = np.empty_like(fast)
+    operator_module._csr_times_rows(op._indptr, op._indices, op._data, frames, slow)
+    np.testing.assert_array_equal(fast.view(np.uint32), slow.view(np.uint32))
+    assert PreparedOperator(matrix * 0.5, "numba", "cpu")._gather is None
+    assert PreparedOperator(matrix + sp.eye(n_out, n_in, format="csr"), "numba", "cpu")._gather is None
