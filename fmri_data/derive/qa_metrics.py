@@ -1024,8 +1024,8 @@ def quality_index(x: np.ndarray, median: np.ndarray | None = None, columns: np.n
         buffers = [np.empty((step, series.shape[1]), dtype=np.float32) for series, _ in parts]
         keys_buffer = np.empty((step, m), dtype=np.uint64)
         radix = m >= RADIX_MIN_CHANNELS
-        tmp_buffer = np.empty_like(keys_buffer) if radix else None
-        counts = np.empty((2, 1 << 16), dtype=np.int64)
+        if radix:
+            tmp_buffer, counts = np.empty_like(keys_buffer), np.empty((2, 1 << 16), dtype=np.int64)
         for a, b in blocks[k::workers]:
             keys = keys_buffer[:b - a]
             for (series, cols), buffer, offset in zip(parts, buffers, offsets):
