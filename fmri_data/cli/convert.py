@@ -34,6 +34,7 @@ def print_warnings(results) -> None:
         console.print(f"... and {len(seen) - SHOWN_WARNINGS} more distinct warnings "
                       "(each run's `warnings` in index.parquet / `fmri-data inspect`)")
 
+
 def tune_process() -> None:
     """Settings of this conversion process (the command's own; the Python API leaves its
     caller's process alone):

@@ -869,8 +869,9 @@ def _radix_sort_rows(keys, tmp, counts):  # pragma: no cover - compiled
     """Sort each row of ``keys (R, M)`` uint64 by its high 32 bits, stably (LSD radix sort:
     two counting passes over 16-bit digits; ``tmp`` same shape, ``counts (2, 2^16)`` int64
     scratch). The low 32 bits of :func:`_pack_keys` are the channel positions in ascending
-    order, so the result equals ``keys.sort(axis=1)`` exactly, 6-8x faster at 2^18 channels.
-    A pass whose digit is the same for every key is skipped."""
+    order, so the result equals ``keys.sort(axis=1)`` exactly. A pass whose digit is the
+    same for every key is skipped. Per frame of 235,685 channels: 6-8x faster than numpy's
+    sort on the 2-core dev VM."""
     m = keys.shape[1]
     for f in range(keys.shape[0]):
         src = keys[f]
