@@ -40,7 +40,6 @@ about 5 minutes there, ds-real adds about 6.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import re
 import resource
@@ -55,7 +54,7 @@ from pathlib import Path
 import psutil
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_convert import make_dataset  # the synthetic HCP-sized run, one definition
+from bench_convert import link_subjects, make_dataset  # the synthetic HCP-sized run, one definition
 
 REPO = Path(__file__).resolve().parents[1]
 DATA = REPO.parent / "shared" / "data"
@@ -66,17 +65,7 @@ REPORT = re.compile(r"(\d+) converted, (\d+) already present, (\d+) claimed by a
 def make_cohort(root: Path, runs: int, frames: int) -> Path:
     """A derivatives dataset of ``runs`` subjects, each with the same synthetic HCP-sized run
     (written once by ``make_dataset``, linked under every subject)."""
-    source = make_dataset(root / "source", frames).parent  # .../source/sub-01/func
-    cohort = root / "cohort"
-    cohort.mkdir()
-    (cohort / "dataset_description.json").write_text(
-        json.dumps({"Name": "cohort", "BIDSVersion": "1.9.0", "DatasetType": "derivative"}))
-    for k in range(1, runs + 1):
-        func = cohort / f"sub-{k:02d}" / "func"
-        func.mkdir(parents=True)
-        for f in source.iterdir():
-            (func / f.name.replace("sub-01", f"sub-{k:02d}")).symlink_to(f.resolve())
-    return cohort
+    return link_subjects(make_dataset(root / "source", frames).parent, root / "cohort", runs)
 
 
 @dataclass

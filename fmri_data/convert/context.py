@@ -143,9 +143,13 @@ def resample_device(recipe: Recipe) -> str:
 
 def check_finite(block: np.ndarray, path: str, start: int, policy: str) -> np.ndarray:
     """Apply the recipe's ``inputs.nan_policy`` to a block of frames starting at frame ``start``."""
-    if np.isfinite(block.min()) and np.isfinite(block.max()):  # NaN propagates through min: two fast reductions
+    with np.errstate(over="ignore", invalid="ignore"):
+        total = block.sum()  # one fast reduction: NaN and inf propagate through a sum
+    if np.isfinite(total):
         return block
     finite = np.isfinite(block)
+    if finite.all():  # finite values whose float32 sum overflowed
+        return block
     if policy == "zero":
         return np.where(finite, block, 0.0).astype(np.float32)
     bad = int((~finite).sum())

@@ -7,7 +7,6 @@ commit is one problem naming the run and the file, and the check goes on with th
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 from collections.abc import Callable, Iterable, Iterator
@@ -18,7 +17,7 @@ import zarr
 
 from ..config.schema import validate
 from ..errors import StoreError
-from .layout import ATTRS_CHECKSUM, INDEX, RUNS, attrs_digest
+from .layout import ATTRS_CHECKSUM, INDEX, RUNS, ContentDigest, attrs_digest
 from .root import Store
 from .saliency_group import check_run_saliency
 
@@ -309,7 +308,9 @@ def missing_shards(store: Store, run_id: str, name: str) -> list[str]:
 
 
 def verify_run_contents(store: Store, run_id: str) -> list[str]:
-    """Re-read every array of a run and compare with the SHA-256 recorded at write time.
+    """Re-read every array of a run and compare with the checksum of its values recorded at
+    write time (:class:`~fmri_data.store.layout.ContentDigest`: XXH3-128, or SHA-256 in
+    stores written before).
 
     Returns:
         Problems naming the run, the array and the shard file (and its frames) that is
@@ -335,7 +336,7 @@ def verify_run_contents(store: Store, run_id: str) -> list[str]:
             continue
         for key in missing_shards(store, run_id, name):
             problems.append(f"{where}/{key}: shard missing")
-        digest = hashlib.sha256()
+        digest = ContentDigest(expected)
         readable = True
         for start, stop in _axis0_blocks(array):
             try:
@@ -345,8 +346,8 @@ def verify_run_contents(store: Store, run_id: str) -> list[str]:
                 readable = False
                 continue
             if readable:
-                digest.update(np.ascontiguousarray(values).tobytes())
-        if readable and expected is not None and digest.hexdigest() != expected:
+                digest.update(values)
+        if readable and expected is not None and digest.value() != expected:
             problems.append(f"{where}/{name}: contents differ from the checksum recorded at write time")
         if expected is None:
             problems.append(f"{where}/{name}: no checksum recorded")

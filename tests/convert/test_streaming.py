@@ -322,3 +322,20 @@ def test_streamed_tr_step_equals_the_column_pass(tmp_path, atlas_dir, monkeypatc
     a, b = _bold(str(tmp_path / "stream.zarr")).astype(np.float32), _bold(str(tmp_path / "columns.zarr")).astype(np.float32)
     assert a.shape == b.shape and np.mean(a == b) > 0.999
     np.testing.assert_allclose(a, b, rtol=2**-10, atol=2**-20)  # at most one float16 step apart
+
+
+def test_check_finite_one_reduction_and_its_policies():
+    """Synthetic blocks with a known answer: a block is passed through unchanged when every
+    value is finite, even when its float32 sum overflows (the one-reduction check's fallback);
+    NaN / inf are zeroed or refused with their count, naming the file."""
+    from fmri_data.convert.context import check_finite
+
+    huge = np.full((2, 3), 3e38, dtype=np.float32)  # finite; the float32 sum is inf
+    for policy in ("zero", "error"):
+        assert check_finite(huge, "run.nii.gz", 0, policy) is huge
+    bad = np.arange(6, dtype=np.float32).reshape(2, 3)
+    bad[0, 1], bad[1, 2] = np.nan, -np.inf
+    zeroed = check_finite(bad, "run.nii.gz", 0, "zero")
+    assert zeroed.dtype == np.float32 and zeroed.tolist() == [[0, 0, 2], [3, 4, 0]]
+    with pytest.raises(InputError, match=r"run\.nii\.gz.*2 NaN/inf values in frames from 7"):
+        check_finite(bad, "run.nii.gz", 7, "error")

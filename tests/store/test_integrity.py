@@ -17,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import zarr
 from conftest import haxby_run, make_bids
 
 from fmri_data.errors import StoreError
@@ -152,6 +153,44 @@ def test_qa_recompute_keeps_the_attribute_checksum_valid(url):
     assert after["qa"]["settings"] != before["qa"]["settings"]
     assert after["attrs_sha256"] != before["attrs_sha256"]
     assert validate_store(url) == []
+
+
+# ----------------------------------------------------------------------------- value checksums
+def _re_sign(url: str, run_id: str, edit) -> None:
+    """Edit a run's attributes and sign them again (as fmri-data would have written them)."""
+    from fmri_data.store.layout import ATTRS_CHECKSUM, attrs_digest
+
+    def change(attrs):
+        edit(attrs)
+        attrs[ATTRS_CHECKSUM] = attrs_digest({k: v for k, v in attrs.items() if k != ATTRS_CHECKSUM})
+
+    _edit_attrs(url, run_id, change)
+
+
+def test_value_checksums_catch_a_validly_encoded_change_in_xxh3_and_in_older_sha256_runs(url):
+    import hashlib
+
+    from fmri_data.store.layout import ContentDigest
+
+    bold = Store.open(url).run(RUN1)["bold"]
+    values = bold[...]
+    recorded = Store.open(url).run_attrs(RUN1)["checksums"]
+    assert set(recorded) == {"bold", "brain_mask"} and all(v.startswith("xxh3_128:") for v in recorded.values())
+    digest = ContentDigest()
+    digest.update(values[:50])
+    digest.update(values[50:])  # blocks along axis 0 hash as the whole array
+    assert digest.value() == recorded["bold"]
+    # RUN2 as written by an older version: a bare SHA-256 of the values, verified as such
+    sha = hashlib.sha256(np.ascontiguousarray(Store.open(url).run(RUN2)["bold"][...]).tobytes()).hexdigest()
+    _re_sign(url, RUN2, lambda attrs: attrs["checksums"].update(bold=sha))
+    assert validate_store(url, deep=True) == []
+    # one value changed and re-encoded by zarr (chunk CRC-32C valid): only the value checksum sees it
+    for run_id in (RUN1, RUN2):
+        array = zarr.open_array(str(Path(url, "runs", run_id, "bold")), mode="r+")
+        array[3, 20, 24, 20] = array[3, 20, 24, 20] + np.float16(1.0)
+    assert validate_store(url) == []
+    assert validate_store(url, deep=True) == [
+        f"{url}/runs/{run_id}/bold: contents differ from the checksum recorded at write time" for run_id in (RUN1, RUN2)]
 
 
 # ----------------------------------------------------------------------------- item 5: a corrupt brain_mask
