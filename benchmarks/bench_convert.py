@@ -448,12 +448,15 @@ def main() -> None:
               f" standard library gzip {stdlib:6.1f} s ({n / 2**20 / stdlib:4.0f} MiB/s): {stdlib / floor:.2f}x slower")
 
         result = tmp / "phases.json"
-        ours_cmd = [str(Path(sys.executable).with_name("fmri-data")), "convert", str(tmp / "ds"), str(tmp / "plain.zarr"),
-                    *RECIPE, "--scheduler", "synchronous", "--no-progress"]
+
+        def convert_cmd(bids: Path, out: Path) -> list[str]:  # as a user runs it
+            return [str(Path(sys.executable).with_name("fmri-data")), "convert", str(bids), str(out), *RECIPE,
+                    "--scheduler", "synchronous", "--no-progress"]
+
+        ours_cmd = convert_cmd(tmp / "ds", tmp / "plain.zarr")
         phases_cmd = [sys.executable, str(Path(__file__).resolve()), "--phases-child", str(tmp / "ds"), str(tmp / "out.zarr"),
                       str(result)]
-        cohort = link_subjects(bold.parent, tmp / "cohort", COHORT)
-        cohort_cmd = [*ours_cmd[:2], str(cohort), str(tmp / "cohort.zarr"), *ours_cmd[4:]]
+        cohort_cmd = convert_cmd(link_subjects(bold.parent, tmp / "cohort", COHORT), tmp / "cohort.zarr")
         try:
             t_ours, m_ours = run_child(ours_cmd)  # as a user runs it: the ratio
             shutil.rmtree(tmp / "plain.zarr")

@@ -91,14 +91,13 @@ class RunWriter:
         shard_values = None if encoder is not None else np.empty((shard_frames, *frame_shape), dtype=dtype)
         threads = max(1, min(os.cpu_count() or 1, shard_chunks))
         with ThreadPoolExecutor(threads) as coders, ThreadPoolExecutor(1) as files:
-            busy: deque = deque()  # (encode,) of the chunks whose frames may still be read
+            busy: deque = deque()  # encodes of the chunks whose frames may still be read
             encoded: list = []  # this shard's chunk encodes
             writes: deque = deque()
             for start in range(0, n_frames, chunk_frames):
                 stop = min(start + chunk_frames, n_frames)
                 while len(busy) >= 2:  # the block function reuses the frames of the call before last
-                    for job in busy.popleft():
-                        job.result()
+                    busy.popleft().result()
                 values = np.ascontiguousarray(np.asarray(block(start, stop), dtype=dtype))
                 if values.shape != (stop - start, *frame_shape):
                     raise ValueError(f"{name}: block [{start}, {stop}) has shape {values.shape}")
@@ -106,10 +105,9 @@ class RunWriter:
                 first = start - start % shard_frames
                 if encoder is not None:
                     encoded.append(coders.submit(encoder.chunk, values))
-                    busy.append((encoded[-1],))
-                else:
+                    busy.append(encoded[-1])
+                else:  # copied here: nothing reads the frames later
                     shard_values[start - first:stop - first] = values
-                    busy.append(())
                 if stop - first < shard_frames and stop < n_frames:
                     continue
                 if encoder is None:
@@ -121,9 +119,8 @@ class RunWriter:
                 while len(writes) > 1:  # at most one finished shard waits for its file
                     writes.popleft().result()
                 self._heartbeat()
-            for jobs in [*busy, writes]:
-                for job in jobs:
-                    job.result()
+            for job in [*busy, *writes]:
+                job.result()
         self._written(name, digest.value())
         return array
 
