@@ -31,6 +31,7 @@ from typing import Any
 import bids2table
 
 from .errors import InputError
+from .imports import load_module
 
 log = logging.getLogger(__name__)
 logging.getLogger("bids2table").setLevel(logging.ERROR)
@@ -151,7 +152,7 @@ class _Tree:
         text = str(root)
         self.remote = "://" in text and not text.startswith("file://")
         if self.remote:
-            import fsspec
+            fsspec = load_module("fsspec")
 
             try:
                 self.fs, path = fsspec.core.url_to_fs(text, **(storage_options or {}))

@@ -50,6 +50,7 @@ from .derive.motion import (
 )
 from .derive.windows import window_starts
 from .errors import StoreError
+from .imports import load_module
 from .config.schema import to_json
 from .store.layout import RUNS, SALIENCY, SALIENCY_MODELS, compressors, now, software_versions
 from .store.root import Store
@@ -359,9 +360,7 @@ def _software(with_torch: bool) -> dict[str, str | None]:
     versions = software_versions()
     out = {"fmri_data": versions.get("fmri_data"), "numpy": versions.get("numpy")}
     if with_torch:
-        import torch
-
-        out["torch"] = torch.__version__
+        out["torch"] = load_module("torch").__version__
     return out
 
 
@@ -552,7 +551,7 @@ def fit_store(
     """
     import re
 
-    import torch
+    torch = load_module("torch")
 
     from .derive import saliency_net as net_mod
 

@@ -40,6 +40,7 @@ import numpy as np
 
 from .config.schema import to_json, validate
 from .errors import SettingError, StoreError
+from .imports import load_module
 from .store.layout import now, software_versions
 from .store.root import Store
 
@@ -70,8 +71,8 @@ class StatsKind:
 
 def _temporal_means(arrays: list) -> np.ndarray:
     """``(N, *frame)`` float64: each run's mean over time (one Dask graph for all runs)."""
-    import dask
-    import dask.array as da
+    dask = load_module("dask")
+    da = load_module("dask.array")
 
     means = dask.compute(*[da.mean(a.astype("float64"), axis=0) for a in arrays])
     return np.stack([np.asarray(m) for m in means])
@@ -90,8 +91,8 @@ def _median_iqr_roi(arrays: list) -> dict[str, Any]:
 
 
 def _brainlm(arrays: list) -> dict[str, Any]:
-    import dask
-    import dask.array as da
+    dask = load_module("dask")
+    da = load_module("dask.array")
 
     parts = []
     for a in arrays:
@@ -106,8 +107,8 @@ def _brainlm(arrays: list) -> dict[str, Any]:
 
 def _mean_std(arrays: list) -> dict[str, Any]:
     """Pooled over runs from each run's count, mean and variance (Dask's stable moments)."""
-    import dask
-    import dask.array as da
+    dask = load_module("dask")
+    da = load_module("dask.array")
 
     moments = dask.compute(*[(da.mean(a.astype("float64")), da.var(a.astype("float64"))) for a in arrays])
     n = np.array([a.size for a in arrays], dtype=np.float64)
@@ -196,7 +197,7 @@ def compute_stats(url: str, kind: str | None = None, array: str | None = None, *
         ValueError: no kind given and the recipe has none, or an unknown kind.
         StoreError: no run has the array.
     """
-    import dask.array as da
+    da = load_module("dask.array")
 
     store = Store.open(url, storage_options)
     kind, array = _defaults(store, kind, array)

@@ -168,3 +168,49 @@ def test_public_api_names_are_the_documented_objects(name):
         "        pass\n"
     )
     _python(code)
+
+
+def test_function_level_imports_of_other_packages_go_through_load_module():
+    """A package imported inside a function is imported when a worker thread first runs it:
+    :func:`fmri_data.imports.load_module` makes such first imports one thread at a time (CI once
+    failed a conversion with scikit-learn's ``_DeadlockError`` from two threads importing nilearn)."""
+    offenders = []
+    for module, path in MODULES.items():
+        for function in ast.walk(ast.parse(path.read_text())):
+            if not isinstance(function, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                continue
+            for node in ast.walk(function):
+                names = ([a.name for a in node.names] if isinstance(node, ast.Import)
+                         else [node.module] if isinstance(node, ast.ImportFrom) and node.level == 0 else [])
+                top = {name.split(".")[0] for name in names} - set(sys.stdlib_module_names) - {"fmri_data"}
+                if top:
+                    offenders.append(f"{path.relative_to(PACKAGE.parent)}:{node.lineno} imports {', '.join(sorted(top))}")
+    assert not offenders, "use load_module:\n" + "\n".join(offenders)
+
+
+def test_threads_first_importing_circular_packages_all_succeed():
+    """Eight threads released together each import a different heavy module for the first time in a
+    fresh interpreter. With plain ``importlib.import_module`` this fails in most runs on CPython 3.11
+    (``cannot import name 'PytestTester' from partially initialized module 'scipy._lib._testutils'``,
+    or ``_DeadlockError`` through scikit-learn); through ``load_module`` every thread gets its module."""
+    names = ["nilearn.masking", "nilearn.datasets", "nilearn.image", "scipy.ndimage", "scipy.stats",
+             "scipy.interpolate", "scipy.spatial", "scipy.signal"]
+    code = (
+        "import sys, threading\n"
+        "from fmri_data.imports import load_module\n"
+        f"names = {names!r}\n"
+        "assert not [n for n in names if n in sys.modules], 'already imported'\n"
+        "barrier, failed = threading.Barrier(len(names)), []\n"
+        "def first_import(name):\n"
+        "    barrier.wait()\n"
+        "    try:\n"
+        "        assert load_module(name).__name__ == name\n"
+        "    except BaseException as exc:\n"
+        "        failed.append(f'{name}: {type(exc).__name__}: {exc}')\n"
+        "threads = [threading.Thread(target=first_import, args=(n,)) for n in names]\n"
+        "[t.start() for t in threads]\n"
+        "[t.join() for t in threads]\n"
+        "assert not failed, failed\n"
+    )
+    for _ in range(3):
+        _python(code)

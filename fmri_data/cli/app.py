@@ -14,6 +14,7 @@ from rich.markup import escape
 
 from ..config.overrides import OverrideError, parse_pairs, yaml_value
 from ..errors import one_line
+from ..imports import load_module
 
 
 console = Console(width=None if sys.stdout.isatty() else 200, soft_wrap=True)
@@ -29,11 +30,12 @@ def fail(exc: Exception) -> None:
 def progress_callback(enabled: bool | None = None) -> Iterator[Callable[[int, int, str], None]]:
     """A progress bar on stderr driven by ``update(done, total, what)`` (one bar per ``what``);
     drawn only when stderr is a terminal (``enabled`` forces it)."""
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+    rp = load_module("rich.progress")
 
     enabled = sys.stderr.isatty() if enabled is None else enabled
-    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), TimeRemainingColumn())
-    with Progress(*columns, console=err_console, disable=not enabled, transient=True) as bar:
+    columns = (rp.TextColumn("{task.description}"), rp.BarColumn(), rp.MofNCompleteColumn(), rp.TimeElapsedColumn(),
+               rp.TimeRemainingColumn())
+    with rp.Progress(*columns, console=err_console, disable=not enabled, transient=True) as bar:
         tasks: dict[str, Any] = {}
 
         def update(done: int, total: int, what: str) -> None:

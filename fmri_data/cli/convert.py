@@ -11,6 +11,7 @@ import typer
 from rich.markup import escape
 
 from ..errors import FmriDataError
+from ..imports import load_module
 
 from .app import console, err_console, fail, interrupted, parse_options
 
@@ -57,8 +58,8 @@ def tune_process() -> None:
         return
     os.environ["NUMPY_MADVISE_HUGEPAGE"] = "0"
     try:
-        from numpy._core.multiarray import _set_madvise_hugepage
-    except ImportError:  # another numpy layout: its default stays
+        _set_madvise_hugepage = load_module("numpy._core.multiarray")._set_madvise_hugepage
+    except (ImportError, AttributeError):  # another numpy layout: its default stays
         return
     _set_madvise_hugepage(False)
 

@@ -11,6 +11,7 @@ from rich.markup import escape
 
 from ..config.overrides import comma_list
 from ..errors import SettingError
+from ..imports import load_module
 from ..train.registry import NAMES as FAMILIES, get_family
 from .app import console, fail, parse_options, progress_callback
 
@@ -28,7 +29,7 @@ def train(
     threads: Optional[int] = typer.Option(None, "--threads", help="torch CPU threads."),
 ) -> None:
     """Pre-train one model family on a store's windows; prints per-step loss, samples/s and peak memory."""
-    import torch
+    torch = load_module("torch")
 
     from ..train import StoreBatches, Trainer, build_model, get_config
     from ..train.trainer import resolve_device

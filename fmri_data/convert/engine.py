@@ -23,6 +23,7 @@ import dask.threaded
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from ..errors import ComputeError
+from ..imports import load_module
 
 LOCAL_SCHEDULERS = ("threads", "synchronous", "processes")
 
@@ -70,7 +71,7 @@ def _quiet_distributed():
     """The in-process scheduler and nannies of ``distributed`` log every connection at INFO:
     keep the terminal to fmri-data's own lines (warnings and errors still show) unless the
     root logger is at INFO or below (``fmri-data --verbose``)."""
-    import distributed  # noqa: F401 - its import sets the "distributed" logger to INFO: set ours after it
+    load_module("distributed")  # its import sets the "distributed" logger to INFO: set ours after it
 
     logger = logging.getLogger("distributed")
     level = logger.level
@@ -179,7 +180,7 @@ def slurm_cluster(options: dict[str, Any]):
     Raises:
         ValueError: unknown keys.
     """
-    from dask_jobqueue import SLURMCluster
+    SLURMCluster = load_module("dask_jobqueue").SLURMCluster
 
     unknown = set(options) - set(SLURM_KEYS) - {"jobs"}
     if unknown:
@@ -190,7 +191,8 @@ def slurm_cluster(options: dict[str, Any]):
 
 
 def _distributed(tasks, scheduler, workers, advance, cluster_kind, cluster_options, memory_limit) -> list[Any]:
-    from distributed import Client, LocalCluster, as_completed
+    distributed = load_module("distributed")
+    Client, LocalCluster, as_completed = distributed.Client, distributed.LocalCluster, distributed.as_completed
 
     check_compute(scheduler, cluster_kind)
     cluster = None

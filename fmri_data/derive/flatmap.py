@@ -50,6 +50,7 @@ import numpy as np
 import scipy.sparse as sp
 
 from ..errors import SettingError
+from ..imports import load_module
 from ..resample.operator import PreparedOperator
 
 #: Bump when the operator numerics change, so that cached files are rebuilt.
@@ -227,9 +228,8 @@ def flat_operator(points: np.ndarray, faces: np.ndarray, grid: FlatGrid, n_verti
     if triangulation == "mesh":
         corners = faces[tri[valid]]
     else:
-        from scipy.spatial import Delaunay  # imported when used: 0.13 s of every conversion's start-up otherwise
-
-        delaunay = Delaunay(points)
+        # imported when used: 0.13 s of every conversion's start-up otherwise
+        delaunay = load_module("scipy.spatial").Delaunay(points)
         simplex = delaunay.find_simplex(xy)
         if (simplex < 0).any():  # cannot happen for points inside patch triangles; guard rounding
             simplex = np.where(simplex < 0, delaunay.find_simplex(xy, tol=1e-6), simplex)

@@ -50,6 +50,7 @@ import numba
 import numpy as np
 
 from ..errors import SettingError
+from ..imports import load_module
 from .motion import framewise_displacement
 
 __all__ = [
@@ -610,7 +611,7 @@ def series_statistics(x: np.ndarray, high: np.ndarray | None = None, q: float = 
         raise SettingError("series statistics need at least 1 frame")
     dtype = np.dtype(np.result_type(x.dtype, np.float32))
     typed = dtype.type
-    from scipy import stats  # imported when used: 0.15 s of every conversion's start-up otherwise
+    stats = load_module("scipy.stats")  # when used: 0.15 s of every conversion's start-up otherwise
 
     alpha = float(stats.norm.isf(q / t_len))
     c_aor, half = typed(alpha * math.sqrt(math.pi / 2.0)), typed(0.5)
@@ -1104,8 +1105,7 @@ def automask(aveabs_image: np.ndarray) -> np.ndarray:
     Returns:
         ``(X, Y, Z)`` bool; all False when nothing passes the clip level.
     """
-    from scipy import ndimage
-
+    ndimage = load_module("scipy.ndimage")
     image = np.nan_to_num(np.asarray(aveabs_image, dtype=np.float64))
     level = clip_level(image)
     above = image >= level if level > 0 else image > 0

@@ -35,6 +35,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import SettingError
+from ..imports import load_module
 
 FORMAT = "fmri-data-saliency-net/1"
 
@@ -71,9 +72,7 @@ class NetConfig:
 
 
 def _torch():
-    import torch
-
-    return torch
+    return load_module("torch")
 
 
 def build_net(config: NetConfig):
@@ -296,8 +295,7 @@ def to_bytes(result: FitResult, extra: dict[str, str] | None = None) -> bytes:
     Returns:
         The ``.safetensors`` file content.
     """
-    from safetensors.torch import save
-
+    save = load_module("safetensors.torch").save
     metadata = {
         "format": FORMAT,
         "config": result.config.to_json(),
@@ -328,8 +326,7 @@ def from_bytes(data: bytes, where: str = "<bytes>") -> tuple[Any, NetConfig, dic
     Raises:
         SettingError: not an fmri-data saliency network.
     """
-    from safetensors.torch import load
-
+    load = load_module("safetensors.torch").load
     try:
         (length,) = struct.unpack("<Q", data[:8])
         metadata = json.loads(data[8 : 8 + length]).get("__metadata__") or {}

@@ -22,6 +22,7 @@ import numba
 import numpy as np
 
 from ..errors import SettingError
+from ..imports import load_module
 from ..resample.operator import run_numba_parallel
 
 #: :func:`epi_mask`: an EPI mask with more than this fraction of voxels whose mean is exactly
@@ -52,8 +53,7 @@ def epi_mask(mean_image: np.ndarray, affine: np.ndarray) -> np.ndarray:
     """
     import warnings
 
-    from nilearn.masking import compute_epi_mask
-
+    compute_epi_mask = load_module("nilearn.masking").compute_epi_mask
     finite = np.nan_to_num(mean_image.astype(np.float32))
     voxel_mm = float(np.mean(np.sqrt((affine[:3, :3] ** 2).sum(axis=0))))
     opening = round(6.0 / voxel_mm)

@@ -23,6 +23,7 @@ import numpy as np
 from fsspec.implementations.local import LocalFileSystem
 
 from ..errors import FmriDataError
+from ..imports import load_module
 from ..store.direct import (
     EMPTY,
     chunk_spans,
@@ -231,7 +232,7 @@ class WindowReader:
                 if self._layouts[r] is not None:
                     return self._read_direct(r, entry, start, stop, out)
                 if out is not None:
-                    from zarr.core.buffer import default_buffer_prototype
+                    default_buffer_prototype = load_module("zarr.core.buffer").default_buffer_prototype
 
                     buffer = default_buffer_prototype().nd_buffer.from_numpy_array(out)
                     array.get_basic_selection(slice(start, stop), out=buffer)

@@ -37,6 +37,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import numpy as np
 
+from ..imports import load_module
+
 DPI = 72
 CARPET_ROWS = 400
 WEBP_QUALITY = 70
@@ -61,7 +63,7 @@ def to_data_uri(fig, photo: bool = False, colours: int = PNG_COLOURS) -> str:
     Returns:
         ``data:image/webp;base64,...`` or ``data:image/png;base64,...``.
     """
-    from PIL import Image
+    Image = load_module("PIL.Image")
 
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", dpi=DPI, bbox_inches="tight")
@@ -281,8 +283,7 @@ def _templateflow_mask() -> Path | None:
 
 
 def _on_grid(img, shape: tuple[int, ...], affine: tuple[float, ...], interpolation: str) -> np.ndarray:
-    from nilearn.image import resample_img
-
+    resample_img = load_module("nilearn.image").resample_img
     out = resample_img(img, target_affine=np.array(affine).reshape(4, 4), target_shape=shape,
                        interpolation=interpolation, force_resample=True, copy_header=True)
     return np.asarray(out.get_fdata(), dtype=np.float32)
@@ -301,15 +302,13 @@ def template_outline(shape: tuple[int, int, int], affine: tuple[float, ...]) -> 
         local copy exists, else nilearn's bundled MNI152 (ICBM 2009, symmetric) brain mask,
         which lies within a few mm of MNI152NLin6Asym.
     """
-    import nibabel as nib
+    nib = load_module("nibabel")
 
     path = _templateflow_mask()
     if path is not None:
         img, what = nib.load(path), f"MNI152NLin6Asym brain mask (TemplateFlow, {path.name})"
     else:
-        from nilearn.datasets import load_mni152_brain_mask
-
-        img = load_mni152_brain_mask(resolution=1)
+        img = load_module("nilearn.datasets").load_mni152_brain_mask(resolution=1)
         what = "MNI152 ICBM 2009 brain mask bundled with nilearn (within a few mm of MNI152NLin6Asym)"
     return _on_grid(img, shape, affine, "nearest") > 0.5, what
 
@@ -323,10 +322,9 @@ def tissue_classes(shape: tuple[int, int, int], affine: tuple[float, ...]) -> np
     Returns:
         ``(X, Y, Z)`` uint8.
     """
-    from nilearn.datasets import load_mni152_gm_template, load_mni152_wm_template
-
-    gm = _on_grid(load_mni152_gm_template(resolution=1), shape, affine, "linear")
-    wm = _on_grid(load_mni152_wm_template(resolution=1), shape, affine, "linear")
+    datasets = load_module("nilearn.datasets")
+    gm = _on_grid(datasets.load_mni152_gm_template(resolution=1), shape, affine, "linear")
+    wm = _on_grid(datasets.load_mni152_wm_template(resolution=1), shape, affine, "linear")
     return np.argmax(np.stack([gm, wm, 1.0 - gm - wm]), axis=0).astype(np.uint8)
 
 

@@ -6,6 +6,8 @@ import io
 
 import numpy as np
 
+from ..imports import load_module
+
 
 def flat_png(frames: np.ndarray, mask: np.ndarray, *, titles: list[str] | None = None, vmax: float | None = None,
              cmap: str = "RdBu_r", dpi: int = 100) -> bytes:
@@ -25,10 +27,10 @@ def flat_png(frames: np.ndarray, mask: np.ndarray, *, titles: list[str] | None =
     Raises:
         ValueError: frames and mask shapes differ.
     """
-    import matplotlib
+    matplotlib = load_module("matplotlib")
 
     matplotlib.use("Agg", force=False)
-    from matplotlib.figure import Figure
+    Figure = load_module("matplotlib.figure").Figure
 
     frames = np.asarray(frames, dtype=np.float32)
     frames = frames[None] if frames.ndim == 2 else frames

@@ -8,6 +8,7 @@ import numpy as np
 
 from ..convert.outputs.base import Timing
 from ..convert.outputs.qa import QAInputs, compute_qa
+from ..imports import load_module
 
 
 def recompute_qa(
@@ -42,7 +43,7 @@ def recompute_qa(
     Raises:
         StoreError: not a store; FmriDataError: the dataset cannot be discovered.
     """
-    from rich.progress import Progress
+    Progress = load_module("rich.progress").Progress
 
     from ..discover import discover
     from ..reference.grids import Grid

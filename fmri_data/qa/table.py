@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from ..imports import load_module
 from ..store.layout import QA_TABLE
 from ..store.root import Store
 
@@ -64,7 +65,7 @@ def write_qa_table(store: Store, rows: list[dict[str, Any]] | None = None) -> in
     (:meth:`Store.write_file <fmri_data.store.root.Store.write_file>`): a write cut short
     leaves the previous table.
     """
-    import pandas as pd
+    pd = load_module("pandas")
 
     rows = qa_rows(store) if rows is None else rows
     columns = ["run_id", *ENTITIES, "tr_s", "source_tr_s", "n_frames", "n_frames_source", "kind", "n_channels", "gsr_axis"]
@@ -78,7 +79,7 @@ def write_qa_table(store: Store, rows: list[dict[str, Any]] | None = None) -> in
 
 def read_qa_table(store: Store):
     """``qa.parquet`` as a pandas DataFrame (empty when it was never written)."""
-    import pandas as pd
+    pd = load_module("pandas")
 
     path = f"{store.path}/{TABLE}"
     if not store.fs.exists(path):

@@ -20,6 +20,7 @@ from contextlib import contextmanager
 from typing import Any
 
 from ..errors import InputError
+from ..imports import load_module
 
 
 def is_url(path: str) -> bool:
@@ -41,8 +42,7 @@ def local_copies(paths: Iterable[str | None], storage_options: dict[str, Any] | 
     Raises:
         InputError: a remote file cannot be fetched (names the URL).
     """
-    import fsspec
-
+    fsspec = load_module("fsspec")
     wanted = [p for p in dict.fromkeys(paths) if p]
     remote = [p for p in wanted if is_url(p)]
     mapping = {p: p for p in wanted if not is_url(p)}

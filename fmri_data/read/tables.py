@@ -8,6 +8,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import InputError
+from ..imports import load_module
 
 
 
@@ -22,8 +23,7 @@ def read_events(path: str | Path) -> list[dict[str, Any]]:
         InputError: unreadable, missing the required ``onset``/``duration`` columns, or an
             ``onset`` (``duration``) that is not a number of seconds (``duration`` may be n/a).
     """
-    import pandas as pd
-
+    pd = load_module("pandas")
     try:
         table = pd.read_csv(path, sep="\t", na_values=["n/a"], keep_default_na=False)
     except (OSError, ValueError, pd.errors.ParserError) as exc:
@@ -51,8 +51,7 @@ def read_confounds(path: str | Path) -> tuple[list[str], np.ndarray]:
     Raises:
         InputError: unreadable or non-numeric.
     """
-    import pandas as pd
-
+    pd = load_module("pandas")
     try:
         table = pd.read_csv(path, sep="\t", na_values=["n/a"], keep_default_na=False)
         values = table.to_numpy(dtype=np.float32)

@@ -47,6 +47,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import InputError, RecipeError
+from ..imports import load_module
 from .grids import Grid, grid_matches, template_grid
 from ..read.common import file_sha256
 from ..read.nifti import read_image_3d
@@ -205,9 +206,7 @@ def _templateflow_get(filename: str) -> Path | None:
     if "res" in entities:
         query["resolution"] = int(entities["res"])
     try:
-        from templateflow import api
-
-        found = api.get(entities["tpl"], suffix=suffix, extension=f".{extension}", **query)
+        found = load_module("templateflow.api").get(entities["tpl"], suffix=suffix, extension=f".{extension}", **query)
     except Exception:  # offline, or an unknown query: the caller says where it looked
         return None
     found = found if isinstance(found, list) else [found]

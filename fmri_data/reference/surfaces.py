@@ -18,6 +18,7 @@ import numpy as np
 
 from .atlases import ATLAS_DIR_ENV
 from ..errors import InputError
+from ..imports import load_module
 
 #: Mesh kinds, as nilearn names them: pial, white_matter, inflated, sphere, flat.
 _NILEARN_SPACES = {"fsaverage5": "fsaverage5"}
@@ -40,9 +41,7 @@ def load_mesh(space: str, kind: str, hemi: str) -> tuple[np.ndarray, np.ndarray]
     """
     if space not in _NILEARN_SPACES:
         raise InputError(space, f"no surface meshes known for space '{space}' (known: {', '.join(_NILEARN_SPACES)})")
-    from nilearn import datasets
-
-    meshes = datasets.load_fsaverage(_NILEARN_SPACES[space])
+    meshes = load_module("nilearn.datasets").load_fsaverage(_NILEARN_SPACES[space])
     if kind not in meshes:
         raise InputError(space, f"no '{kind}' mesh for {space}")
     part = meshes[kind].parts["left" if hemi == "L" else "right"]
@@ -95,7 +94,7 @@ def surface_dirs(atlas_dir: str | Path | None = None) -> list[Path]:
 
 
 def _read_gifti_mesh(path: Path) -> tuple[np.ndarray, np.ndarray]:
-    import nibabel as nib
+    nib = load_module("nibabel")
 
     try:
         img = nib.load(str(path))
@@ -150,7 +149,7 @@ def _pycortex_database(cortex, subject: str):
 
 def _pycortex(subject: str) -> SurfaceFamily:
     try:
-        import cortex  # noqa: PLC0415 - optional, heavy import
+        cortex = load_module("cortex")  # optional, heavy
     except ImportError as exc:
         raise InputError(f"pycortex:{subject}", f"pycortex is not installed ({exc}); pip install pycortex") from exc
     db = _pycortex_database(cortex, subject)
@@ -197,7 +196,7 @@ def cortex_from_dlabel(path: str | Path, n_vertices: dict[str, int]) -> dict[str
     Raises:
         InputError: unreadable, or its vertex count differs from the surfaces'.
     """
-    import nibabel as nib
+    nib = load_module("nibabel")
 
     try:
         img = nib.load(str(path))

@@ -44,6 +44,7 @@ import numpy as np  # noqa: E402
 import scipy.sparse as sp  # noqa: E402
 
 from ..errors import SettingError  # noqa: E402
+from ..imports import load_module  # noqa: E402
 
 METHODS = ("auto", "numba", "torch", "sparse", "reference")
 DEVICES = ("auto", "cpu", "cuda")
@@ -163,9 +164,7 @@ def cuda_available() -> bool:
         os.path.exists(p) for p in ("/dev/nvidiactl", "/dev/dxg", "/dev/kfd")
     ):
         return False
-    import torch
-
-    return bool(torch.cuda.is_available())
+    return bool(load_module("torch").cuda.is_available())
 
 
 def resolve_backend(method: str = "auto", device: str = "auto") -> tuple[str, str]:
@@ -279,9 +278,7 @@ class PreparedOperator:
             self._data = csr.data.astype(self.dtype)
             self._gather = unit_gather(self._indptr, self._indices, self._data)
         else:
-            import torch
-
-            self._torch = torch
+            self._torch = torch = load_module("torch")
             tdtype = torch.float64 if self.dtype == np.float64 else torch.float32
             with warnings.catch_warnings():
                 warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")

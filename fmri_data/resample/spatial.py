@@ -22,6 +22,7 @@ import numpy as np
 import scipy.sparse as sp
 
 from ..errors import SettingError
+from ..imports import load_module
 from .operator import CHUNK_BYTES, PreparedOperator
 
 
@@ -241,7 +242,7 @@ def resample_volume(
     frames = volume.reshape(volume.shape[:3] + (-1,))
     target_ijk = grid_indices(target_shape)
     if method == "reference":
-        from scipy import ndimage  # imported when used: 0.15 s of every conversion's start-up otherwise
+        ndimage = load_module("scipy.ndimage")  # when used: 0.15 s of every conversion's start-up otherwise
 
         coords = source_coordinates(source_affine, target_affine, target_ijk).T
         out = np.stack(

@@ -63,6 +63,7 @@ import numpy as np
 import scipy.sparse as sp
 
 from ..errors import SettingError
+from ..imports import load_module
 from .operator import PreparedOperator
 
 
@@ -121,7 +122,7 @@ def antialias_filter(tr_in: float, tr_out: float) -> np.ndarray | None:
     if ratio <= 1.0 + 1e-9:
         return None
     half = 10 * int(math.ceil(ratio))
-    from scipy import signal  # imported when used: 0.4 s of every conversion's start-up otherwise
+    signal = load_module("scipy.signal")  # imported when used: 0.4 s of every conversion's start-up otherwise
 
     taps = signal.firwin(2 * half + 1, 1.0 / ratio, window=("kaiser", 5.0))
     return taps / taps.sum()
@@ -131,7 +132,7 @@ def lowpass(x: np.ndarray, taps: np.ndarray) -> np.ndarray:
     """Zero-phase FIR filtering along axis 0 with odd-reflection padding; same shape as ``x``."""
     half = (len(taps) - 1) // 2
     padded = np.pad(x, [(half, half)] + [(0, 0)] * (x.ndim - 1), mode="reflect", reflect_type="odd")
-    from scipy import signal
+    signal = load_module("scipy.signal")
 
     return signal.oaconvolve(padded, taps.reshape((-1,) + (1,) * (x.ndim - 1)), mode="valid", axes=0)
 
@@ -243,7 +244,7 @@ def _reference(series: np.ndarray, tr_in: float, tr_out: float, kind: str, antia
     if antialias == "cheby1":
         q = tr_out / tr_in
         if q > 1.0 + 1e-9:
-            from scipy import signal
+            signal = load_module("scipy.signal")
 
             sos = signal.cheby1(8, 0.05, 0.8 / q, output="sos")
             series = signal.sosfiltfilt(sos, series, axis=0, padtype="even")
@@ -251,7 +252,7 @@ def _reference(series: np.ndarray, tr_in: float, tr_out: float, kind: str, antia
         taps = antialias_filter(tr_in, tr_out)
         if taps is not None:
             series = lowpass(series, taps)
-    from scipy import interpolate  # imported when used (with scipy.optimize: 0.2 s of start-up otherwise)
+    interpolate = load_module("scipy.interpolate")  # when used (with scipy.optimize: 0.2 s of start-up otherwise)
 
     t_in = np.arange(series.shape[0]) * tr_in
     t_out = output_times(series.shape[0], tr_in, tr_out, grid)

@@ -33,6 +33,7 @@ from typing import IO, TYPE_CHECKING, Any
 import numpy as np
 
 from ..errors import SettingError, StoreError
+from ..imports import load_module
 from ..read.common import file_sha256
 from .layout import RUNS, SALIENCY
 
@@ -206,7 +207,7 @@ def open_datatree(url: str, storage_options: dict[str, Any] | None = None) -> xa
         StoreError: not an fmri-data store.
         ImportError: xarray is not installed (``pip install xarray``).
     """
-    import xarray as xr
+    xr = load_module("xarray")
 
     from .root import Store
 
@@ -316,7 +317,7 @@ def _default_array(url: str, run_id: str, to: str, outputs: list[str], group: An
 
 def _nifti(where: str, name: str, values: Any, attrs: Mapping[str, Any]):
     """The NIfTI-1 header of ``values`` and its data blocks, each (n, X, Y, Z) or (X, Y, Z)."""
-    import nibabel as nib
+    nib = load_module("nibabel")
 
     volume = attrs.get("volume")
     if volume is None or values.ndim not in (3, 4) or tuple(values.shape[-3:]) != tuple(volume["shape"]):
@@ -362,7 +363,7 @@ def _column_labels(where: str, name: str, array_attrs: Mapping[str, Any], ndim: 
 
 
 def _write_tsv(fh: IO[bytes], values: Any, labels: list[str]) -> None:
-    import pandas as pd
+    pd = load_module("pandas")
 
     frame = pd.DataFrame(np.asarray(values[...]), columns=labels)
     fh.write(frame.to_csv(sep="\t", index=False, lineterminator="\n").encode("utf-8"))
@@ -370,7 +371,7 @@ def _write_tsv(fh: IO[bytes], values: Any, labels: list[str]) -> None:
 
 def _cifti(where: str, name: str, values: Any, attrs: Mapping[str, Any]):
     """A ``.ptseries.nii`` image of ``roi/<key>`` with the parcel axis of its CIFTI source."""
-    import nibabel as nib
+    nib = load_module("nibabel")
 
     array_attrs = dict(values.attrs)
     if array_attrs.get("source") != "cifti_parcels":

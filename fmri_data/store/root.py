@@ -17,6 +17,7 @@ import fsspec
 import zarr
 
 from ..errors import StoreError
+from ..imports import load_module
 from ..config import recipe as hashing
 from ..config.schema import SCHEMA_VERSION, to_json, validate
 
@@ -434,15 +435,12 @@ class Store:
         Atomic (:meth:`write_file`): a write cut short leaves the previous index, never a
         truncated file.
         """
-        import pandas as pd
-
-        table = pd.DataFrame([{k: _cell(v) for k, v in row.items()} for row in rows])
+        table = load_module("pandas").DataFrame([{k: _cell(v) for k, v in row.items()} for row in rows])
         self.write_file(INDEX, lambda fh: table.to_parquet(fh, index=False))
 
     def read_index(self):
         """``index.parquet`` as a pandas DataFrame (empty when no conversion finished yet)."""
-        import pandas as pd
-
+        pd = load_module("pandas")
         path = f"{self.path}/{INDEX}"
         if not self.fs.exists(path):
             return pd.DataFrame()
@@ -455,9 +453,7 @@ class Store:
 
 
 def _process_start() -> float:
-    import psutil
-
-    return psutil.Process().create_time()
+    return load_module("psutil").Process().create_time()
 
 
 def _claim_payload() -> bytes:
@@ -481,8 +477,7 @@ def _abandoned(holder: dict[str, Any]) -> bool:
     if time.time() - float(holder.get("heartbeat", 0)) > CLAIM_TIMEOUT_S:
         return True
     if holder.get("host") == socket.gethostname():
-        import psutil
-
+        psutil = load_module("psutil")
         try:
             return abs(psutil.Process(int(holder["pid"])).create_time() - float(holder["started"])) > 1.0
         except (psutil.NoSuchProcess, KeyError, ValueError):

@@ -30,6 +30,7 @@ import torch
 from torch import nn
 
 from ..errors import SettingError
+from ..imports import load_module
 from ..load import collate_windows
 from .configs import Config
 from .data import eval_dataset, family_index, prepare
@@ -70,9 +71,9 @@ def features(model: nn.Module, cfg: Config, index, device: torch.device, batch_s
 
 def linear_probe(train_x: np.ndarray, train_y: np.ndarray, test_x: np.ndarray, seed: int = 0) -> np.ndarray:
     """Predicted classes of ``test_x`` (N, C) from logistic regression on standardised features."""
-    from sklearn.linear_model import LogisticRegression
-    from sklearn.pipeline import make_pipeline
-    from sklearn.preprocessing import StandardScaler
+    LogisticRegression = load_module("sklearn.linear_model").LogisticRegression
+    make_pipeline = load_module("sklearn.pipeline").make_pipeline
+    StandardScaler = load_module("sklearn.preprocessing").StandardScaler
 
     clf = make_pipeline(StandardScaler(), LogisticRegression(max_iter=2000, random_state=seed))
     return clf.fit(train_x, train_y).predict(test_x)

@@ -63,6 +63,7 @@ from ...derive.motion import MOTION_COLUMNS
 from ...derive.volume import epi_mask
 from ...discover import RunSpec
 from ...errors import RecipeError
+from ...imports import load_module
 from ...read.cifti import open_cifti
 from ...read.gifti import open_gifti_series
 from ...read.nifti import open_volume, read_image_3d
@@ -364,7 +365,7 @@ class SourceFrames:
 
     def _plan_extra(self, aveabs: np.ndarray) -> None:
         """Choose the voxels outside the mask to gather for the automask (see the class)."""
-        from scipy import ndimage
+        ndimage = load_module("scipy.ndimage")
 
         level = iqm.clip_level(aveabs)
         near = ndimage.binary_fill_holes(aveabs >= 0.5 * level if level > 0 else aveabs > 0) & ~self.mask

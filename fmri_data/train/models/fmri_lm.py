@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ...errors import SettingError
+from ...imports import load_module
 from ..blocks import Block, trunc_normal_
 from ..configs import FmriLmConfig
 
@@ -92,16 +93,17 @@ class VqTokenizer(nn.Module):
 
 def _text_model(cfg: FmriLmConfig):
     """(tokenizer, causal LM, pretrained?) from ``cfg.lm_name``, or a tiny random GPT-2 offline."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer, ByT5Tokenizer, GPT2Config
+    transformers = load_module("transformers")
 
     if cfg.lm_name:
-        tok = AutoTokenizer.from_pretrained(cfg.lm_name)
-        lm = AutoModelForCausalLM.from_pretrained(cfg.lm_name)
+        tok = transformers.AutoTokenizer.from_pretrained(cfg.lm_name)
+        lm = transformers.AutoModelForCausalLM.from_pretrained(cfg.lm_name)
         return tok, lm, True
-    tok = ByT5Tokenizer()  # byte-level, needs no vocabulary file
-    config = GPT2Config(vocab_size=len(tok), n_positions=cfg.n_rois + cfg.max_text_tokens + 8, n_embd=cfg.lm_dim,
-                        n_layer=cfg.lm_layers, n_head=2, bos_token_id=tok.eos_token_id, eos_token_id=tok.eos_token_id)
-    return tok, AutoModelForCausalLM.from_config(config), False
+    tok = transformers.ByT5Tokenizer()  # byte-level, needs no vocabulary file
+    config = transformers.GPT2Config(vocab_size=len(tok), n_positions=cfg.n_rois + cfg.max_text_tokens + 8,
+                                     n_embd=cfg.lm_dim, n_layer=cfg.lm_layers, n_head=2, bos_token_id=tok.eos_token_id,
+                                     eos_token_id=tok.eos_token_id)
+    return tok, transformers.AutoModelForCausalLM.from_config(config), False
 
 
 class FmriLanguageModel(nn.Module):
@@ -109,16 +111,16 @@ class FmriLanguageModel(nn.Module):
 
     def __init__(self, cfg: FmriLmConfig, tokenizer_model: VqTokenizer):
         super().__init__()
-        from peft import LoraConfig, get_peft_model
+        peft = load_module("peft")
 
         self.cfg = cfg
         self.vq = tokenizer_model.requires_grad_(False).eval()
         self.text_tokenizer, lm, self.pretrained = _text_model(cfg)
         if self.text_tokenizer.pad_token_id is None:
             self.text_tokenizer.pad_token = self.text_tokenizer.eos_token
-        lora = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=0.0, target_modules=cfg.lora_targets,
-                          task_type="CAUSAL_LM")
-        self.lm = get_peft_model(lm, lora)
+        lora = peft.LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=0.0,
+                               target_modules=cfg.lora_targets, task_type="CAUSAL_LM")
+        self.lm = peft.get_peft_model(lm, lora)
         width = lm.get_input_embeddings().weight.shape[1]
         self.projector = nn.Sequential(nn.Linear(cfg.code_dim, width), nn.GELU(), nn.Linear(width, width))
         self.fmri_start = nn.Parameter(torch.zeros(width))
