@@ -31,7 +31,7 @@ def load_module(name: str) -> ModuleType:
     Raises:
         ImportError: the module is not installed or its import fails.
     """
-    module = sys.modules.get(name)
+    module = sys.modules.get(name)  # there but still initializing: another thread is importing it
     if module is not None and not getattr(getattr(module, "__spec__", None), "_initializing", False):
         return module
     with _LOCK:
